@@ -1,0 +1,393 @@
+"""Input records: reading JSON or JSONL (decided by content), checking every record, and normalising it.
+
+The validator streams JSONL line by line, so memory grows only with the small per-record digests kept to find
+duplicates. A JSON array is parsed whole (that is the format's nature); use JSONL for very large inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluent_reward.config import ValidateConfig
+from fluent_reward.errors import FluentRewardError
+from fluent_reward.io import atomic_open, stable_hash, write_json
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("context", "student_message", "tutor_response")
+NON_EMPTY_FIELDS = ("student_message", "tutor_response")
+OPTIONAL_FIELDS = ("id", "conversation_id", "language", "metadata")
+# metrics/validation.json lists at most this many dropped records (all are counted), to stay small in git.
+MAX_DROPPED_LISTED = 1000
+KNOWN_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
+# C0 controls other than tab, newline and carriage return, plus DEL: never legitimate in chat text.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input, formatted as ``FILE: record N (id=...): field 'X': what is wrong``."""
+
+    kind: str
+    file: str
+    message: str
+    record: int | None = None
+    record_id: str | None = None
+    field: str | None = None
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.record is not None:
+            where.append(f"record {self.record}" + (f" (id={self.record_id})" if self.record_id else ""))
+        if self.field is not None:
+            where.append(f"field '{self.field}'")
+        return ": ".join([*where, self.message])
+
+
+@dataclass
+class ValidationReport:
+    """What the validator saw: counts for metrics/validation.json and the problems found."""
+
+    records_read: int = 0
+    records_valid: int = 0
+    groups: set[str] = field(default_factory=set)
+    languages: Counter[str] = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    dropped_count: int = 0
+
+    def drop(self, record: int | None, record_id: str | None, kinds: list[str]) -> None:
+        self.dropped_count += 1
+        if len(self.dropped) < MAX_DROPPED_LISTED:
+            self.dropped.append({"record": record, "id": record_id, "kinds": kinds})
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "records_read": self.records_read,
+            "records_valid": self.records_valid,
+            "records_dropped": self.dropped_count,
+            "groups": len(self.groups),
+            "languages": dict(sorted(self.languages.items())),
+            "problems_by_kind": dict(sorted(Counter(p.kind for p in self.problems).items())),
+            "warnings_by_kind": dict(sorted(Counter(w.kind for w in self.warnings).items())),
+            "dropped": self.dropped,
+        }
+
+
+def group_key(context: str, student_message: str) -> str:
+    """The group of a record without ``conversation_id``: same context and student message, same group."""
+    return "g-" + stable_hash(context, student_message)
+
+
+def content_id(context: str, student_message: str, tutor_response: str) -> str:
+    """The stable id of a record without one: a hash of its content."""
+    return "r-" + stable_hash(context, student_message, tutor_response)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: JSON array or JSONL, decided by content
+
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _sniff_format(path: Path) -> str:
+    """'json' for a top-level JSON value spanning the file, 'jsonl' for one record per line."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    stripped = head.lstrip()
+    if stripped.startswith(b"\xef\xbb\xbf"):
+        stripped = stripped[3:].lstrip()
+    if not stripped.startswith(b"{"):
+        return "json"
+    # A file whose first line is a complete JSON value is JSONL; a pretty-printed object spans lines.
+    first_line = stripped.split(b"\n", 1)[0]
+    try:
+        json.loads(first_line)
+    except ValueError:
+        return "json"
+    return "jsonl"
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise FluentRewardError(f"{path}: input file does not exist (set data.conversations in params.yaml)")
+    if path.is_dir():
+        raise FluentRewardError(f"{path}: is a directory; give the path of a .json or .jsonl file")
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not head.strip() and len(head) < 4096:
+        raise FluentRewardError(f"{path}: file is empty; expected a JSON array of records or JSONL")
+
+
+def iter_raw_records(path: Path, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
+    """Yield ``(record number, parsed value)``; unparseable JSONL lines become problems of kind ``not_json``.
+
+    Record numbers are 1-based: the position in a JSON array, the line number in JSONL.
+    File-level failures (missing, empty, not JSON, not a list) raise FluentRewardError at once.
+    """
+    _check_path(path)
+    if _sniff_format(path) == "json":
+        yield from enumerate(_load_json_array(path), start=1)
+        return
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(
+                    Problem(
+                        "invalid_utf8",
+                        str(path),
+                        f"invalid UTF-8 at byte {exc.start + 1} of the line",
+                        number,
+                    )
+                )
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(
+                    Problem("not_json", str(path), f"not valid JSON: {exc.msg} at column {exc.colno}", number)
+                )
+
+
+def _load_json_array(path: Path) -> list[Any]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise FluentRewardError(f"{path}: invalid UTF-8 at byte {exc.start + 1} (line {line})") from None
+    if not text.strip():
+        raise FluentRewardError(f"{path}: file is empty; expected a JSON array of records or JSONL")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        line, col = _line_col(text, exc.pos)
+        hint = " (mixed JSON and JSONL? use one JSON array or one object per line)" if text.lstrip()[:1] == "{" else ""
+        raise FluentRewardError(f"{path}: not valid JSON: {exc.msg} at line {line}, column {col}{hint}") from None
+    if not isinstance(value, list):
+        raise FluentRewardError(
+            f"{path}: top-level value is {_type_name(value)}, expected a list of records (or JSONL, one per line)"
+        )
+    if not value:
+        raise FluentRewardError(f"{path}: the list of records is empty")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking one record
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def check_record(record: Any, cfg: ValidateConfig) -> list[tuple[str, str | None, str]]:
+    """Return the problems of one record as ``(kind, field, message)``; empty when it is valid."""
+    if not isinstance(record, dict):
+        return [("not_object", None, f"record is {_type_name(record)}, expected an object")]
+    found: list[tuple[str, str | None, str]] = []
+    for name in REQUIRED_FIELDS:
+        if name not in record:
+            found.append(("missing_field", name, "required field is missing"))
+    for name in (*REQUIRED_FIELDS, "conversation_id", "language"):
+        if name not in record or (name not in REQUIRED_FIELDS and record[name] is None):
+            continue
+        found.extend(_check_text(name, record[name], cfg))
+    if "id" in record and (isinstance(record["id"], bool) or not isinstance(record["id"], str | int)):
+        found.append(("wrong_type", "id", f"expected a string or an integer, got {_type_name(record['id'])}"))
+    elif isinstance(record.get("id"), str) and not record["id"].strip():
+        found.append(("empty_string", "id", "must not be empty"))
+    if record.get("metadata") is not None and not isinstance(record["metadata"], dict):
+        found.append(("wrong_type", "metadata", f"expected an object, got {_type_name(record['metadata'])}"))
+    return found
+
+
+def _check_text(name: str, value: Any, cfg: ValidateConfig) -> list[tuple[str, str | None, str]]:
+    if not isinstance(value, str):
+        return [("wrong_type", name, f"expected a string, got {_type_name(value)}")]
+    if name in NON_EMPTY_FIELDS and not value.strip():
+        return [("empty_string", name, "must not be empty or whitespace only")]
+    if name in ("conversation_id", "language") and not value.strip():
+        return [("empty_string", name, "must not be empty when given")]
+    if len(value) > cfg.max_chars:
+        return [("too_long", name, f"is {len(value)} characters, over validate.max_chars={cfg.max_chars}")]
+    bad = _CONTROL_CHARS.search(value)
+    if bad:
+        return [
+            (
+                "control_char",
+                name,
+                f"contains control character U+{ord(bad.group()):04X} at {bad.start() + 1}",
+            )
+        ]
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        return [("invalid_utf8", name, "contains an unpaired surrogate (not valid UTF-8 text)")]
+    return []
+
+
+def normalise(record: dict[str, Any]) -> dict[str, Any]:
+    """The validated form of a record: stable string ``id``, ``group_id``, and the original fields."""
+    context, student, response = (record[f] for f in REQUIRED_FIELDS)
+    record_id = str(record["id"]) if record.get("id") is not None else content_id(context, student, response)
+    group_id = str(record["conversation_id"]) if record.get("conversation_id") else group_key(context, student)
+    out: dict[str, Any] = {"id": record_id, "group_id": group_id}
+    out.update({name: record[name] for name in REQUIRED_FIELDS})
+    for name in ("conversation_id", "language", "metadata"):
+        if record.get(name) is not None:
+            out[name] = record[name]
+    return out
+
+
+def _digest(*parts: Any) -> bytes:
+    """8-byte digest used only for duplicate detection: keeps memory small on millions of records."""
+    return hashlib.blake2b(json.dumps(parts, ensure_ascii=False).encode(), digest_size=8).digest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def validate_file(path: Path, cfg: ValidateConfig) -> tuple[Iterator[dict[str, Any]], ValidationReport]:
+    """Stream the valid, normalised records of ``path``; problems and counts accumulate in the report.
+
+    The iterator must be consumed before the report is complete.
+    """
+    report = ValidationReport()
+    return _validated(path, cfg, report), report
+
+
+def _validated(path: Path, cfg: ValidateConfig, report: ValidationReport) -> Iterator[dict[str, Any]]:
+    seen_ids: dict[bytes, int] = {}
+    seen_content: dict[bytes, int] = {}
+    file = str(path)
+    for number, record in iter_raw_records(path, report.problems):
+        report.records_read += 1
+        record_id = _display_id(record)
+        found = check_record(record, cfg)
+        if not found:
+            found = _check_unknown_and_duplicates(record, number, seen_ids, seen_content, report, file)
+        if found:
+            for kind, field_name, message in found:
+                report.problems.append(Problem(kind, file, message, number, record_id, field_name))
+            report.drop(number, record_id, sorted({k for k, _, _ in found}))
+            continue
+        row = normalise(record)
+        report.records_valid += 1
+        report.groups.add(row["group_id"])
+        report.languages[row.get("language", "unknown")] += 1
+        yield row
+    # Unparseable JSONL lines were recorded as problems by the reader; count them as read and dropped too.
+    for problem in report.problems:
+        if problem.kind in ("not_json", "invalid_utf8") and problem.field is None:
+            report.records_read += 1
+            report.drop(problem.record, None, [problem.kind])
+
+
+def _display_id(record: Any) -> str | None:
+    if isinstance(record, dict) and isinstance(record.get("id"), str | int) and not isinstance(record["id"], bool):
+        return str(record["id"])
+    return None
+
+
+def _check_unknown_and_duplicates(
+    record: dict[str, Any],
+    number: int,
+    seen_ids: dict[bytes, int],
+    seen_content: dict[bytes, int],
+    report: ValidationReport,
+    file: str,
+) -> list[tuple[str, str | None, str]]:
+    for name in sorted(set(record) - KNOWN_FIELDS):
+        report.warnings.append(
+            Problem("unknown_field", file, "unknown field, ignored", number, _display_id(record), name)
+        )
+    content = _digest(*(record[f] for f in REQUIRED_FIELDS))
+    if content in seen_content:
+        return [
+            (
+                "duplicate_record",
+                None,
+                f"same context, student_message and tutor_response as record {seen_content[content]}",
+            )
+        ]
+    found: list[tuple[str, str | None, str]] = []
+    row_id = normalise(record)["id"]
+    key = _digest(row_id)
+    if key in seen_ids:
+        found.append(("duplicate_id", "id", f"duplicate id '{row_id}' (first used by record {seen_ids[key]})"))
+    else:
+        seen_ids[key] = number
+    seen_content[content] = number
+    return found
+
+
+def run_validate(source: Path, output: Path, metrics_path: Path, cfg: ValidateConfig) -> ValidationReport:
+    """Validate ``source`` into normalised JSONL at ``output`` and counts at ``metrics_path``.
+
+    With ``on_error: fail`` any problem raises FluentRewardError listing up to ``max_problems_shown`` of them,
+    and neither output is touched. With ``drop`` the valid records are written and the rest counted.
+    """
+    records, report = validate_file(source, cfg)
+    try:
+        with atomic_open(output) as handle:
+            for row in records:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if (report.problems and cfg.on_error == "fail") or report.records_valid == 0:
+                raise _AbortWrite
+    except _AbortWrite:
+        raise FluentRewardError(_problem_summary(source, report, cfg)) from None
+    for warning in report.warnings[: cfg.max_problems_shown]:
+        log.warning("%s", warning)
+    write_json(metrics_path, report.metrics())
+    log.info(
+        "validated %s: %d records valid, %d dropped, %d groups, %d languages -> %s",
+        source,
+        report.records_valid,
+        report.dropped_count,
+        len(report.groups),
+        len(report.languages),
+        output,
+    )
+    return report
+
+
+class _AbortWrite(Exception):
+    """Raised inside the atomic write to discard the temporary file."""
+
+
+def _problem_summary(source: Path, report: ValidationReport, cfg: ValidateConfig) -> str:
+    shown = report.problems[: cfg.max_problems_shown]
+    lines = [str(p) for p in shown]
+    more = len(report.problems) - len(shown)
+    if more:
+        lines.append(f"... and {more} more problems")
+    lines.append(
+        f"{source}: {len(report.problems)} problems in {report.dropped_count} of {report.records_read} records; "
+        + ("no valid records; " if report.records_valid == 0 else "")
+        + "nothing written (fix them, or set validate.on_error: drop to skip bad records)"
+    )
+    return "\n".join(lines)
