@@ -166,6 +166,9 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"]
     early_stopping_patience: int = Field(ge=1)
     num_threads: int = Field(ge=0)
+    max_grad_norm: float = Field(ge=0)
+    freeze_embeddings: bool
+    freeze_layers: int = Field(ge=0)
 
 
 class EvaluateConfig(_Section):

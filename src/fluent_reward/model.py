@@ -76,7 +76,8 @@ def encode_batch(
     """
     all_turns = [split_turns(c) for c in contexts]
     pairs = [format_segments(t, s, r) for t, s, r in zip(all_turns, student_messages, responses, strict=True)]
-    encoded = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=False)
+    # verbose=False: over-long inputs are expected here (they are cut below), not worth a warning each.
+    encoded = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=False, verbose=False)
     out = []
     for i in range(len(pairs)):
         item = {key: encoded[key][i] for key in encoded}
@@ -91,7 +92,7 @@ def _fit(tokenizer: Any, turns: list[str], student: str, response: str, max_leng
     longer of student message and reply as a last resort (logged), so the position embeddings never overflow."""
     for start in range(1, len(turns) + 1):
         a, b = format_segments(turns[start:], student, response, omitted=True)
-        item = dict(tokenizer(a, b, truncation=False))
+        item = dict(tokenizer(a, b, truncation=False, verbose=False))
         if len(item["input_ids"]) <= max_length:
             return item
     a, b = format_segments([], student, response, omitted=bool(turns))
