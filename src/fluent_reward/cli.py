@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fluent_reward.config import DEFAULT_PARAMS, Params, load_params
 from fluent_reward.errors import FluentRewardError
@@ -82,6 +83,240 @@ def add_outputs(sub: argparse._SubParsersAction) -> None:
 # Subcommands of later stages register here, each in its own block: add_<name>(sub) + cmd_<name>(params, args).
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_validate, add_outputs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# judge + rubric (the judge stage, and the rubric's rendered prompt and docs)
+
+
+def cmd_judge(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.judge import run_judge
+
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    summary = run_judge(params, dry_run=args.dry_run, show_progress=show_progress)
+    if summary.estimate is not None:
+        print(summary.estimate.table())
+
+
+def add_judge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("judge", help="score every validated record with Claude (cached, resumable, cost-aware)")
+    p.add_argument("--dry-run", action="store_true", help="print calls, tokens and dollars of both modes; pay nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_judge)
+
+
+def cmd_rubric(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.rubric import USER_TEMPLATE, prompt_version, render_criteria_doc, render_system_prompt
+
+    doc = render_criteria_doc(params.rubric)
+    if args.write_docs:
+        args.docs.parent.mkdir(parents=True, exist_ok=True)
+        args.docs.write_text(doc, encoding="utf-8")
+        log.info("wrote %s (prompt version %s)", args.docs, prompt_version(params.rubric))
+    elif args.check:
+        if not args.docs.is_file() or args.docs.read_text(encoding="utf-8") != doc:
+            raise FluentRewardError(f"{args.docs} is out of date: run `fluent-reward rubric --write-docs`")
+    elif args.show_prompt:
+        print(render_system_prompt(params.rubric), USER_TEMPLATE, sep="\n\n--- user turn template ---\n")
+    else:
+        print(f"rubric {params.rubric.version}, prompt version {prompt_version(params.rubric)}")
+
+
+def add_rubric(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rubric", help="the rubric's prompt version; regenerate docs/JUDGING_CRITERIA.md")
+    p.add_argument("--write-docs", action="store_true", help="(re)write the criteria document from params.yaml")
+    p.add_argument("--check", action="store_true", help="exit 2 if the criteria document is out of date")
+    p.add_argument("--show-prompt", action="store_true", help="print the judge's system prompt and user template")
+    p.add_argument("--docs", type=Path, default=Path("docs/JUDGING_CRITERIA.md"), help="criteria document path")
+    p.set_defaults(func=cmd_rubric)
+
+
+REGISTRARS += [add_judge, add_rubric]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# score + pairs (using the trained model: file scoring, DPO pairs)
+
+
+def _fast_arg(value: str | None, default: bool) -> bool | str:
+    return default if value is None else {"on": True, "off": False}.get(value, value)
+
+
+def _weights_arg(text: str | None) -> dict[str, float] | None:
+    """``accuracy=0.4,feedback=0.2,...`` -> dict (validated against the model's dimensions by the scorer)."""
+    if not text:
+        return None
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise FluentRewardError(f"--weights: '{part}' is not NAME=NUMBER") from None
+        if not sep:
+            raise FluentRewardError(f"--weights: '{part}' is not NAME=NUMBER")
+    return weights
+
+
+def _scorer(params: Params, args: argparse.Namespace) -> Any:
+    from fluent_reward.inference import RewardModelScorer
+
+    try:
+        return RewardModelScorer(
+            args.model or params.data.model_dir,
+            device=args.device or params.score.device,
+            batch_size=args.batch_size or params.score.batch_size,
+            fast=_fast_arg(args.fast, params.score.fast),
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise FluentRewardError(str(exc)) from None
+
+
+def _add_scorer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="model folder (default: data.model_dir)")
+    p.add_argument("--device", help="auto | cpu | cuda | ... (default: score.device)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass (default: score.batch_size)")
+    p.add_argument(
+        "--fast",
+        nargs="?",
+        const="on",
+        choices=["on", "off", "int8", "bf16"],
+        help="fast CPU path: on (bf16 where the CPU has it, else int8), off, int8 or bf16 (default: score.fast)",
+    )
+
+
+def cmd_score(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.inference import score_file
+
+    cfg = params.validate_
+    if args.on_error:
+        cfg = cfg.model_copy(update={"on_error": args.on_error})
+    scorer = _scorer(params, args)
+    try:
+        score_file(
+            scorer,
+            Path(args.input),
+            Path(args.output),
+            cfg,
+            chunk_size=args.chunk_size,
+            show_progress=not args.no_progress and sys.stderr.isatty(),
+            with_input=args.with_input,
+            weights=_weights_arg(args.weights),
+        )
+    except ValueError as exc:
+        raise FluentRewardError(str(exc)) from None
+
+
+def add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score a JSON/JSONL file of records with the reward model into JSONL (streaming)")
+    p.add_argument("--input", required=True, help="records in the input format (JSON array or JSONL)")
+    p.add_argument("--output", required=True, help="JSONL: id, group_id, overall, weighted_overall, scores")
+    _add_scorer_args(p)
+    p.add_argument("--chunk-size", type=int, default=1024, help="records read and scored at a time (default 1024)")
+    p.add_argument("--on-error", choices=["fail", "drop"], help="invalid records: override validate.on_error")
+    p.add_argument("--with-input", action="store_true", help="copy each normalised record into its row ('input')")
+    p.add_argument("--weights", help="weighted_overall with these weights: accuracy=0.4,feedback=0.2,...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_pairs(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.pairs import judged_candidates, model_candidates, write_pairs
+
+    if args.from_model:
+        scorer = _scorer(params, args)
+        show = not args.no_progress and sys.stderr.isatty()
+        candidates = model_candidates(Path(args.from_model), scorer, params.validate_, show_progress=show)
+        source = f"model scores of {args.from_model}"
+    else:
+        validated = Path(args.validated or params.data.validated)
+        judgments = Path(args.judgments or params.data.judgments)
+        candidates = judged_candidates(validated, judgments, params.rubric)
+        source = f"judgments {judgments}"
+    min_gap = params.pairs.min_gap if args.min_gap is None else args.min_gap
+    if min_gap < 0:
+        raise FluentRewardError(f"--min-gap must be >= 0, got {min_gap}")
+    summary = write_pairs(
+        candidates,
+        Path(args.output or params.pairs.output),
+        min_gap,
+        args.format or params.pairs.format,
+        strategy=args.strategy,
+        system_prompt=args.system_prompt,
+        source=source,
+    )
+    print(f"{summary['pairs']} pairs from {summary['groups_with_pairs']} of {summary['groups']} groups")
+
+
+def add_pairs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pairs", help="DPO preference pairs (TRL format) within groups, from judgments or model scores")
+    p.add_argument("--output", help="pairs JSONL (default: pairs.output); the summary goes to <name>.summary.json")
+    p.add_argument("--format", choices=["plain", "conversational"], help="TRL dataset format (default: pairs.format)")
+    p.add_argument("--min-gap", type=float, help="least overall-score gap for a pair (default: pairs.min_gap)")
+    p.add_argument("--strategy", choices=["all", "best-vs-rest"], default="all", help="which pairs per group")
+    p.add_argument("--system-prompt", help="conversational format: a system message to start each prompt")
+    p.add_argument("--validated", help="validated records (default: data.validated)")
+    p.add_argument("--judgments", help="judgments (default: data.judgments)")
+    p.add_argument("--from-model", metavar="FILE", help="score the candidates of FILE with the model instead")
+    _add_scorer_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pairs)
+
+
+REGISTRARS += [add_score, add_pairs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train + evaluate (the reward model and its report card)
+
+
+def _train_overrides(params: Params, **updates: Any) -> Params:
+    """params with the given train.* settings replaced (validated like params.yaml itself)."""
+    from pydantic import ValidationError
+
+    from fluent_reward.config import TrainConfig
+
+    updates = {k: v for k, v in updates.items() if v is not None}
+    if not updates:
+        return params
+    try:
+        train = TrainConfig.model_validate({**params.train.model_dump(), **updates})
+    except ValidationError as exc:
+        raise FluentRewardError(f"train options: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    return params.model_copy(update={"train": train})
+
+
+def cmd_train(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.train import run_train
+
+    params = _train_overrides(params, backbone=args.backbone, epochs=args.epochs, seed=args.seed)
+    run_train(params, progress=not args.no_progress and sys.stderr.isatty())
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune the reward model on the judgments (split by group, accelerate)")
+    p.add_argument("--backbone", help="override train.backbone: a local folder, a packaged backbone or a hub id")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--seed", type=int, help="override train.seed (it also seeds the split)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.evaluate import run_evaluate
+
+    if args.model:
+        params = params.model_copy(update={"data": params.data.model_copy(update={"model_dir": Path(args.model)})})
+    run_evaluate(params)
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="agreement with the judge on the test split: metrics, predictions, plots")
+    p.add_argument("--model", help="model folder to evaluate (default: data.model_dir)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+REGISTRARS += [add_train, add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

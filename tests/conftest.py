@@ -1,0 +1,151 @@
+"""Shared pytest fixtures. Each owner keeps their fixtures in their own marked block."""
+
+from __future__ import annotations
+
+# ================================================================================================================
+# judge fixtures (owner: judge stage): the fake Anthropic API and small temporary judge projects
+# ================================================================================================================
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fake_anthropic import API_KEY, FakeAnthropic
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs the real CLI in a subprocess with the SDK's strict response validation on, as the in-process tests do.
+JUDGE_LAUNCHER = (
+    "import sys, anthropic, fluent_reward.judge as j\n"
+    "j._default_client_factory = lambda **kw: anthropic.AsyncAnthropic(_strict_response_validation=True, **kw)\n"
+    "from fluent_reward.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+_LANGUAGES = ("Spanish", "French", "German", "Japanese")
+
+
+def judge_records(n: int, *, prefix: str = "r") -> list[dict[str, Any]]:
+    """``n`` validated records with distinct replies (the fake scores a reply by its text)."""
+    rows = []
+    for i in range(n):
+        group = i // 3
+        rows.append(
+            {
+                "id": f"{prefix}{i:04d}",
+                "group_id": f"g{group}",
+                "context": f"Tutor: Hola, ¿qué hiciste ayer?\nStudent: Yo ir al cine con mi hermana {group}.",
+                "student_message": f"¿Está bien mi frase número {group}?",
+                "tutor_response": f"Casi: se dice «fui al cine». ¿Qué película viste? (respuesta {prefix}{i:04d})",
+                "language": _LANGUAGES[group % len(_LANGUAGES)],
+            }
+        )
+    return rows
+
+
+@dataclass
+class JudgeProject:
+    """A temporary project: params.yaml (repo copy, paths under ``root``) and validated records."""
+
+    root: Path
+    params_path: Path
+    data: dict[str, Path]
+
+    def set_judge(self, **overrides: Any) -> None:
+        params = yaml.safe_load(self.params_path.read_text())
+        params["judge"].update(overrides)
+        self.params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+
+    def write_records(self, records: list[dict[str, Any]]) -> None:
+        path = self.data["validated"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+    def run(self, *args: str, verbose: bool = False) -> int:
+        """The CLI in-process (``fluent-reward --params ... judge ...``); returns the exit code."""
+        from fluent_reward.cli import main
+
+        flags = ["-v"] if verbose else []
+        return main(["--params", str(self.params_path), *flags, "judge", "--no-progress", *args])
+
+    def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """The CLI in a subprocess (for kill -9 tests)."""
+        command = [sys.executable, "-c", JUDGE_LAUNCHER, "--params", str(self.params_path), "judge", "--no-progress"]
+        return subprocess.Popen(
+            [*command, *args],
+            cwd=self.root,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def judgments(self) -> dict[str, Any]:
+        return json.loads(self.data["judgments"].read_text(encoding="utf-8"))
+
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.data["judge_metrics"].read_text(encoding="utf-8"))
+
+    def cache_lines(self) -> list[dict[str, Any]]:
+        path = self.data["judge_cache"]
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    """The fake Anthropic API on 127.0.0.1; the SDK is pointed at it and given the fake's key."""
+    with FakeAnthropic() as fake:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
+        yield fake
+
+
+@pytest.fixture
+def strict_sdk(monkeypatch):
+    """Every client the judge builds validates responses strictly, so a wrong shape in the fake fails loudly."""
+    import anthropic
+
+    import fluent_reward.judge as judge
+
+    def factory(**kwargs: Any) -> Any:
+        return anthropic.AsyncAnthropic(_strict_response_validation=True, **kwargs)
+
+    monkeypatch.setattr(judge, "_default_client_factory", factory)
+
+
+@pytest.fixture
+def judge_project(tmp_path, monkeypatch, strict_sdk) -> JudgeProject:
+    """A project in tmp_path with 12 validated records, no reference files and fast test settings.
+
+    The environment starts with no key and no base URL; ``fake_api`` sets both.
+    """
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data = {key: tmp_path / value for key, value in params["data"].items()}
+    params["data"] = {key: str(path) for key, path in data.items()}
+    params["judge"].update(
+        reference=[],
+        max_concurrency=4,
+        sdk_max_retries=3,
+        rate_limit_max_wait_s=2,
+        timeout_s=10,
+        batch_poll_interval_s=0.05,
+    )
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    project = JudgeProject(tmp_path, params_path, data)
+    project.write_records(judge_records(12))
+    return project
+
+
+# ================================================================================================================
+# end of judge fixtures
+# ================================================================================================================
