@@ -1,0 +1,276 @@
+"""The train stage: splits by group, targets, group-aware batches, losses, and tiny end-to-end runs.
+
+The end-to-end runs use a tiny random BERT (tests/helpers.py) with the real tokenizer: seconds, no network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fluent_reward.config import SplitRatios
+from fluent_reward.errors import FluentRewardError
+from fluent_reward.io import file_sha256, read_json, stable_hash, write_json
+from fluent_reward.model import METADATA_FILE, ModelMetadata
+from fluent_reward.train import (
+    LOG_FILE,
+    SPLITS,
+    collate,
+    fit_normalisation,
+    group_batches,
+    make_splits,
+    pairwise_loss,
+    pointwise_loss,
+    run_train,
+    shard_batches,
+    target_matrix,
+)
+from tests.test_train_support import make_learnable_backbone, tiny_project
+
+RATIOS = SplitRatios(train=0.7, validation=0.15, test=0.15)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splits
+
+
+def test_splits_are_disjoint_complete_exact_and_seeded():
+    groups = {f"g{i}": ("Spanish", "French", "Japanese")[i % 3] for i in range(40)}
+    split = make_splits(groups, RATIOS, seed=1)
+    sets = [set(split[name]) for name in SPLITS]
+    assert set.union(*sets) == set(groups)
+    assert sum(len(s) for s in sets) == len(groups)  # disjoint
+    assert [len(split[name]) for name in SPLITS] == [28, 6, 6]
+    # same seed, same split, whatever the order the groups come in; another seed, another split
+    assert make_splits(dict(reversed(list(groups.items()))), RATIOS, seed=1) == split
+    assert make_splits(groups, RATIOS, seed=2) != split
+
+
+def test_splits_spread_every_language_over_the_test_split():
+    groups = {f"{lang}-{i}": lang for lang in ("es", "fr", "ja", "ko") for i in range(10)}
+    split = make_splits(groups, RATIOS, seed=0)
+    assert set(Counter(groups[g] for g in split["test"])) == {"es", "fr", "ja", "ko"}
+    assert set(Counter(groups[g] for g in split["validation"])) == {"es", "fr", "ja", "ko"}
+
+
+def test_splits_need_three_groups():
+    with pytest.raises(FluentRewardError, match="at least 3 groups"):
+        make_splits({"a": "x", "b": "x"}, RATIOS, seed=0)
+    assert [len(v) for v in make_splits({"a": "x", "b": "x", "c": "y"}, RATIOS, 0).values()] == [1, 1, 1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets
+
+
+def test_targets_overall_first_and_normalisation():
+    records = [
+        {"overall": 8.0, "scores": {"a": 9.0, "b": 5.0}},
+        {"overall": 4.0, "scores": {"a": 3.0, "b": 5.0}},
+    ]
+    targets = target_matrix(records, ["a", "b"])
+    assert targets.tolist() == [[8.0, 9.0, 5.0], [4.0, 3.0, 5.0]]
+    mean, std = fit_normalisation(targets)
+    assert mean.tolist() == [6.0, 6.0, 5.0]
+    assert std.tolist() == [2.0, 3.0, 1.0]  # a constant label gets std 1, never a division by zero
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def _groups(n_groups: int, size: int) -> list[list[int]]:
+    return [list(range(g * size, (g + 1) * size)) for g in range(n_groups)]
+
+
+def test_group_batches_keep_groups_whole_and_cover_every_example():
+    groups = _groups(30, 5)
+    lengths = [random.Random(i).randint(10, 300) for i in range(150)]
+    batches = group_batches(groups, lengths, 16, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(150))
+    assert all(len(b) <= 16 for b in batches)
+    where = {i: k for k, b in enumerate(batches) for i in b}
+    assert all(len({where[i] for i in members}) == 1 for members in groups)
+    assert group_batches(groups, lengths, 16, random.Random(0)) == batches  # seeded
+    assert group_batches(groups, lengths, 16, random.Random(1)) != batches
+
+
+def test_group_batches_put_similar_lengths_together():
+    groups = _groups(64, 4)
+    rng = random.Random(3)
+    group_len = [rng.choice([20, 250]) for _ in groups]
+    lengths = [group_len[i // 4] for i in range(256)]
+    batches = group_batches(groups, lengths, 16, random.Random(0))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    unsorted = group_batches(groups, lengths, 16, random.Random(0), bucket_batches=1)  # packed as they come
+    assert padded < 0.7 * sum(len(b) * max(lengths[i] for i in b) for b in unsorted)
+    assert padded < 1.15 * (32 * 4 * 20 + 32 * 4 * 250)  # close to no padding at all
+
+
+def test_group_larger_than_batch_is_cut():
+    batches = group_batches([list(range(10))], [5] * 10, 4, random.Random(0))
+    assert sorted(len(b) for b in batches) == [2, 4, 4]
+
+
+def test_shard_batches_gives_each_process_its_share_and_equal_steps():
+    batches = [[0], [1], [2], [3], [4]]
+    assert shard_batches(batches, 0, 2) == [[0], [2], [4]]
+    assert shard_batches(batches, 1, 2) == [[1], [3], [0]]  # padded by repeating the first batch
+    assert shard_batches(batches, 0, 1) == batches
+
+
+def test_collate_pads_to_the_longest_in_the_batch():
+    batch = collate(
+        [
+            {"input_ids": [101, 5, 102], "attention_mask": [1, 1, 1], "token_type_ids": [0, 0, 1]},
+            {"input_ids": [101, 102], "attention_mask": [1, 1], "token_type_ids": [0, 1]},
+        ],
+        pad_token_id=0,
+    )
+    assert batch["input_ids"].tolist() == [[101, 5, 102], [101, 102, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 1], [0, 1, 0]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def test_pairwise_loss_hand_values():
+    scores = torch.tensor([2.0, 0.0, 1.0, 5.0])
+    targets = torch.tensor([1.0, 0.0, 0.0, 3.0])
+    groups = torch.tensor([0, 0, 0, 1])
+    # ordered pairs in the same group: (0 > 1), (0 > 2); 1 and 2 tie; 3 is alone in its group
+    loss, n = pairwise_loss(scores, targets, groups)
+    assert n == 2
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-2)) + math.log1p(math.exp(-1))) / 2, rel=1e-6)
+    loss, _ = pairwise_loss(scores, targets, groups, margin_scale=0.5)  # margins 0.5 * gap(1.0)
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1.5)) + math.log1p(math.exp(-0.5))) / 2, rel=1e-6)
+
+
+def test_pairwise_loss_without_pairs_is_zero_and_keeps_the_graph():
+    scores = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss, n = pairwise_loss(scores, torch.tensor([1.0, 2.0]), torch.tensor([0, 1]))
+    assert n == 0 and loss.item() == 0.0
+    loss.backward()
+    assert scores.grad is not None
+
+
+def test_pointwise_loss_kinds():
+    pred, target = torch.tensor([[0.0, 3.0]]), torch.tensor([[1.0, 0.0]])
+    assert pointwise_loss(pred, target, "mse", 1.0).item() == pytest.approx((1 + 9) / 2)
+    assert pointwise_loss(pred, target, "huber", 1.0).item() == pytest.approx((0.5 + 2.5) / 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    backbone = make_learnable_backbone(root / "backbone")
+    params = tiny_project(root / "a", backbone)
+    return params, run_train(params, progress=False), backbone
+
+
+def test_run_writes_model_split_metrics_and_logs(trained):
+    params, _, _ = trained
+    folder = Path(params.data.model_dir)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", METADATA_FILE):
+        assert (folder / name).is_file(), name
+    assert not list(folder.glob("*.bin"))
+    meta = ModelMetadata.load(folder)
+    split_doc = read_json(params.data.splits)
+    assert meta.labels == ["overall", *params.rubric.names]
+    assert len(meta.mean) == len(meta.std) == len(meta.labels)
+    assert meta.split_sha256 == stable_hash(split_doc, length=64)
+    assert len(meta.training_data_sha256) == 64
+    assert meta.max_length == params.train.max_length
+    assert set(split_doc) == {"seed", "ratios", "groups"}
+    metrics = read_json(params.data.train_metrics)
+    for key in (
+        "epochs_run",
+        "best_epoch",
+        "best_validation_spearman",
+        "train_seconds",
+        "examples_per_s",
+        "peak_rss_mb",
+    ):
+        assert key in metrics
+    rows = [json.loads(line) for line in (Path(params.data.logs_dir) / LOG_FILE).read_text().splitlines()]
+    steps = [r for r in rows if r["event"] == "step"]
+    assert steps and all({"loss", "examples_per_s", "lr"} <= set(r) for r in steps)
+    assert [r["epoch"] for r in rows if r["event"] == "validation"] == [1, 2]
+
+
+def test_only_train_groups_are_trained_on(trained):
+    params, result, _ = trained
+    split_doc = read_json(params.data.splits)
+    records = [json.loads(line) for line in Path(params.data.validated).read_text().splitlines()]
+    train_groups = set(split_doc["groups"]["train"])
+    assert len(result.seen_ids) == 2  # epochs
+    assert all(seen == {r["id"] for r in records if r["group_id"] in train_groups} for seen in result.seen_ids)
+
+
+def test_the_model_learns_and_loads_with_plain_transformers(trained):
+    from transformers import AutoModelForSequenceClassification
+
+    params, _, backbone = trained
+    rows = [json.loads(line) for line in (Path(params.data.logs_dir) / LOG_FILE).read_text().splitlines()]
+    losses = {e: [r["loss"] for r in rows if r["event"] == "step" and r["epoch"] == e] for e in (1, 2)}
+    assert np.mean(losses[2]) < np.mean(losses[1])
+    model = AutoModelForSequenceClassification.from_pretrained(params.data.model_dir)
+    assert model.config.id2label[0] == "overall" and model.config.num_labels == 1 + len(params.rubric.names)
+    assert model.config.problem_type == "regression"
+    before = load_file(backbone / "model.safetensors")
+    after = model.state_dict()
+    changed = [k for k, v in before.items() if f"bert.{k}" in after and not torch.equal(v, after[f"bert.{k}"])]
+    assert "encoder.layer.1.output.dense.weight" in changed and "embeddings.word_embeddings.weight" in changed
+
+
+def test_same_seed_same_weights(trained, tmp_path):
+    params, result, backbone = trained
+    again = tiny_project(tmp_path, backbone)
+    result2 = run_train(again, progress=False)
+    assert [h["validation_spearman"] for h in result2.history] == [h["validation_spearman"] for h in result.history]
+    assert file_sha256(Path(again.data.model_dir) / "model.safetensors") == file_sha256(
+        Path(params.data.model_dir) / "model.safetensors"
+    )
+
+
+def test_frozen_layers_do_not_move_and_the_rest_does(trained, tmp_path):
+    _, _, backbone = trained
+    params = tiny_project(tmp_path, backbone, epochs=1, freeze_embeddings=True, freeze_layers=1)
+    run_train(params, progress=False)
+    before = load_file(backbone / "model.safetensors")
+    after = load_file(Path(params.data.model_dir) / "model.safetensors")
+    for key in ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight"):
+        assert torch.equal(before[key], after[f"bert.{key}"]), key
+    assert not torch.equal(
+        before["encoder.layer.1.output.dense.weight"], after["bert.encoder.layer.1.output.dense.weight"]
+    )
+
+
+def test_errors_are_clear(trained, tmp_path):
+    params, _, backbone = trained
+    judgments = read_json(params.data.judgments)
+    judgments["judgments"] = judgments["judgments"][1:]
+    broken = tiny_project(tmp_path / "missing", backbone)
+    write_json(broken.data.judgments, judgments)
+    with pytest.raises(FluentRewardError, match="1 validated record\\(s\\) have no judgment"):
+        run_train(broken, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FluentRewardError, match="safetensors"):
+        run_train(tiny_project(tmp_path / "p", tmp_path / "empty"), progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(FluentRewardError, match="fp16 needs a CUDA GPU"):
+            run_train(tiny_project(tmp_path / "q", backbone, mixed_precision="fp16"), progress=False)
