@@ -90,8 +90,9 @@ def test_sigkill_while_a_batch_is_in_progress_polls_the_same_batch(judge_project
 
 
 def test_ctrl_c_exits_130_and_the_rerun_resumes(judge_project, fake_api):
-    fake_api.latency_s = 0.25
-    judge_project.write_records(judge_records(30))
+    # Slow enough (about 5 s of judging at concurrency 8) that the interrupt lands mid-run even on a loaded machine.
+    fake_api.latency_s = 0.5
+    judge_project.write_records(judge_records(80))
     cache = judge_project.data["judge_cache"]
     proc = judge_project.spawn()
     _wait_for(lambda: len(_complete_lines(cache)) >= 3, proc)
@@ -104,4 +105,4 @@ def test_ctrl_c_exits_130_and_the_rerun_resumes(judge_project, fake_api):
     fake_api.latency_s = 0.0
     assert judge_project.run() == 0
     assert not {record_of(r) for r in fake_api.messages_requests()[sent_before:]} & saved
-    assert len(judge_project.cache_lines()) == 30
+    assert len(judge_project.cache_lines()) == 80

@@ -1,0 +1,298 @@
+"""DPO preference pairs in TRL's format, from the judge's scores or from the reward model's.
+
+Every pair compares two replies to the SAME turn (same ``group_id``): never across contexts, where a score gap says
+nothing about which reply is better. A pair is kept when the two overall scores differ by at least ``min_gap``; the
+higher-scored reply is ``chosen``. Output rows (JSONL), loadable with ``datasets.load_dataset("json", ...)`` and used
+as they are by ``trl.DPOTrainer`` (extra columns are dropped by its ``remove_unused_columns``):
+
+- ``format="plain"``: ``prompt`` is the conversation as ``Tutor: ...`` / ``Student: ...`` lines ending with a
+  ``Tutor:`` cue; ``chosen`` / ``rejected`` are the replies, each starting with a space;
+- ``format="conversational"``: ``prompt`` is a list of messages (student turns ``user``, tutor turns ``assistant``,
+  an optional ``system`` first); ``chosen`` / ``rejected`` are one ``assistant`` message each;
+
+plus ``group_id``, ``chosen_id``, ``rejected_id``, ``score_chosen``, ``score_rejected``. Order is deterministic:
+groups in order of first appearance, pairs within a group in record order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fluent_reward.config import Rubric
+from fluent_reward.errors import FluentRewardError
+from fluent_reward.io import atomic_open, iter_jsonl, read_json, write_json
+from fluent_reward.model import split_turns
+
+log = logging.getLogger(__name__)
+
+Format = Literal["plain", "conversational"]
+Strategy = Literal["all", "best-vs-rest"]
+FORMATS = ("plain", "conversational")
+STRATEGIES = ("all", "best-vs-rest")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One scored reply: the record's text and its overall score (judge's or model's)."""
+
+    id: str
+    group_id: str
+    context: str
+    student_message: str
+    tutor_response: str
+    overall: float
+
+
+@dataclass
+class GroupSummary:
+    group_id: str
+    candidates: int = 0
+    pairs: int = 0
+    below_gap: int = 0
+    gaps: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "group_id": self.group_id,
+            "candidates": self.candidates,
+            "pairs": self.pairs,
+            "skipped_below_min_gap": self.below_gap,
+            "mean_gap": round(sum(self.gaps) / len(self.gaps), 4) if self.gaps else None,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def plain_prompt(context: str, student_message: str) -> str:
+    """The conversation so far as turn lines, ending with the ``Tutor:`` cue the reply continues."""
+    turns = split_turns(context)
+    return "\n".join([*turns, f"Student: {student_message.strip()}", "Tutor:"])
+
+
+def conversational_prompt(context: str, student_message: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The conversation so far as chat messages: ``Student:`` turns are ``user``, ``Tutor:`` turns ``assistant``.
+
+    Consecutive turns of the same role are merged (chat templates expect alternating roles).
+    """
+    messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for turn in [*split_turns(context), f"Student: {student_message.strip()}"]:
+        if turn.startswith("Student:"):
+            role, text = "user", turn[len("Student:") :].strip()
+        elif turn.startswith("Tutor:"):
+            role, text = "assistant", turn[len("Tutor:") :].strip()
+        else:  # context text without a turn prefix: shown to the model as earlier tutor-side context
+            role, text = "assistant", turn.strip()
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n" + text
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def make_row(chosen: Candidate, rejected: Candidate, fmt: Format, system_prompt: str | None = None) -> dict[str, Any]:
+    if fmt == "plain":
+        row: dict[str, Any] = {
+            "prompt": plain_prompt(chosen.context, chosen.student_message),
+            "chosen": " " + chosen.tutor_response.strip(),
+            "rejected": " " + rejected.tutor_response.strip(),
+        }
+    elif fmt == "conversational":
+        row = {
+            "prompt": conversational_prompt(chosen.context, chosen.student_message, system_prompt),
+            "chosen": [{"role": "assistant", "content": chosen.tutor_response.strip()}],
+            "rejected": [{"role": "assistant", "content": rejected.tutor_response.strip()}],
+        }
+    else:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    row.update(
+        group_id=chosen.group_id,
+        chosen_id=chosen.id,
+        rejected_id=rejected.id,
+        score_chosen=round(chosen.overall, 4),
+        score_rejected=round(rejected.overall, 4),
+    )
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairing
+
+
+def build_pairs(
+    candidates: Iterable[Candidate],
+    min_gap: float,
+    fmt: Format = "plain",
+    strategy: Strategy = "all",
+    system_prompt: str | None = None,
+) -> tuple[list[dict[str, Any]], list[GroupSummary]]:
+    """Preference pairs within each group, and a summary per group.
+
+    ``strategy="all"``: every two replies of a group whose scores differ by ``>= min_gap``; ``"best-vs-rest"``: the
+    group's best reply (first one on ties) against each other reply ``min_gap`` below it (one pair per rejected
+    reply, so a group with many candidates does not dominate the dataset quadratically).
+    """
+    if min_gap < 0:
+        raise ValueError(f"min_gap must be >= 0, got {min_gap}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    groups: dict[str, list[Candidate]] = {}
+    for candidate in candidates:
+        groups.setdefault(candidate.group_id, []).append(candidate)
+    rows: list[dict[str, Any]] = []
+    summaries: list[GroupSummary] = []
+    for group_id, members in groups.items():
+        summary = GroupSummary(group_id, candidates=len(members))
+        for a, b in _pairings(members, strategy):
+            gap = abs(a.overall - b.overall)
+            # a zero gap is never a preference, whatever min_gap says
+            if gap < min_gap or gap == 0:
+                summary.below_gap += 1
+                continue
+            chosen, rejected = (a, b) if a.overall > b.overall else (b, a)
+            rows.append(make_row(chosen, rejected, fmt, system_prompt))
+            summary.pairs += 1
+            summary.gaps.append(gap)
+        summaries.append(summary)
+    return rows, summaries
+
+
+def _pairings(members: Sequence[Candidate], strategy: Strategy) -> Iterable[tuple[Candidate, Candidate]]:
+    if strategy == "all":
+        for i in range(len(members)):
+            for j in range(i + 1, len(members)):
+                yield members[i], members[j]
+        return
+    best = max(range(len(members)), key=lambda i: (members[i].overall, -i))
+    for i, other in enumerate(members):
+        if i != best:
+            yield members[best], other
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def judged_candidates(validated: Path, judgments: Path, rubric: Rubric) -> list[Candidate]:
+    """The validated records with the judge's overall (``rubric.overall`` of its dimension scores).
+
+    Records without a judgment are skipped with a warning (the judge may have failed on a few); judgments made on
+    other dimensions than the rubric's are an error.
+    """
+    for path, stage in ((validated, "validate"), (judgments, "judge")):
+        if not Path(path).is_file():
+            raise FluentRewardError(f"{path}: not found (run `fluent-reward {stage}` or `dvc repro`)")
+    doc = read_json(judgments)
+    dims = list(doc.get("dimensions") or rubric.names)
+    if dims != rubric.names:
+        raise FluentRewardError(
+            f"{judgments}: judged on dimensions {dims} but rubric.dimensions is {rubric.names}; rerun the judge"
+        )
+    by_id = {j["id"]: j for j in doc.get("judgments", [])}
+    out, missing = [], 0
+    for row in iter_jsonl(validated):
+        judgment = by_id.get(row["id"])
+        if judgment is None:
+            missing += 1
+            continue
+        out.append(_candidate(row, rubric.overall(judgment["scores"])))
+    if missing:
+        log.warning("%d validated records have no judgment in %s; left out of the pairs", missing, judgments)
+    return out
+
+
+def model_candidates(source: Path, scorer: Any, cfg: Any, show_progress: bool = False) -> list[Candidate]:
+    """The records of an input file (checked like ``validate``), scored by the reward model's overall head.
+
+    Invalid records are an error (listing them), as with ``validate.on_error: fail``.
+    """
+    from fluent_reward.data import Problem, _display_id, check_record, iter_raw_records, normalise
+
+    problems: list[Problem] = []
+    rows = []
+    for number, record in iter_raw_records(source, problems):
+        found = check_record(record, cfg)
+        problems += [Problem(k, str(source), m, number, _display_id(record), f) for k, f, m in found]
+        if not found:
+            rows.append(normalise(record))
+    if problems:
+        shown = "\n".join(str(p) for p in problems[: cfg.max_problems_shown])
+        raise FluentRewardError(f"{shown}\n{source}: {len(problems)} problems; fix them (or run `validate` first)")
+    if not rows:
+        raise FluentRewardError(f"{source}: no records")
+    scores = scorer.score_batch(
+        [r["context"] for r in rows],
+        [r["tutor_response"] for r in rows],
+        [r["student_message"] for r in rows],
+        show_progress=show_progress,
+    )
+    return [_candidate(row, score) for row, score in zip(rows, scores, strict=True)]
+
+
+def _candidate(row: dict[str, Any], overall: float) -> Candidate:
+    return Candidate(
+        id=str(row["id"]),
+        group_id=str(row["group_id"]),
+        context=row["context"],
+        student_message=row["student_message"],
+        tutor_response=row["tutor_response"],
+        overall=float(overall),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def summary_path(output: Path) -> Path:
+    """Where the per-group summary goes: beside the pairs, ``<name>.summary.json``."""
+    return output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
+
+
+def write_pairs(
+    candidates: Sequence[Candidate],
+    output: Path,
+    min_gap: float,
+    fmt: Format,
+    strategy: Strategy = "all",
+    system_prompt: str | None = None,
+    source: str = "judgments",
+) -> dict[str, Any]:
+    """Build the pairs, write them (JSONL, atomically) and their summary; return the summary."""
+    rows, groups = build_pairs(candidates, min_gap, fmt, strategy, system_prompt)
+    with atomic_open(output) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    summary = {
+        "source": source,
+        "format": fmt,
+        "strategy": strategy,
+        "min_gap": min_gap,
+        "candidates": len(candidates),
+        "groups": len(groups),
+        "groups_with_pairs": sum(1 for g in groups if g.pairs),
+        "pairs": len(rows),
+        "per_group": [g.as_dict() for g in groups],
+    }
+    write_json(summary_path(output), summary)
+    log.info(
+        "%d DPO pairs (%s, min gap %.2f) from %d candidates in %d groups (%d with pairs) -> %s",
+        len(rows),
+        fmt,
+        min_gap,
+        len(candidates),
+        len(groups),
+        summary["groups_with_pairs"],
+        output,
+    )
+    if not rows:
+        log.warning("no pairs: no two replies of the same group differ by at least %.2f", min_gap)
+    return summary
