@@ -109,7 +109,7 @@ def test_invalid_records_fail_like_validate_and_write_nothing(tmp_path, model_di
     err = capsys.readouterr().err
     assert f"{source}: record 2 (id=r0-1): field 'tutor_response': must not be empty" in err
     assert f"{source}: record 4: not valid JSON" in err
-    assert "2 problems in 4 records; nothing written" in err
+    assert "2 problems in 2 of 4 records; nothing written" in err
     assert not out.exists()
 
 

@@ -122,7 +122,7 @@ def _sniff_format(path: Path) -> str:
 
 def _check_path(path: Path) -> None:
     if not path.exists():
-        raise FluentRewardError(f"{path}: input file does not exist (set data.conversations in params.yaml)")
+        raise FluentRewardError(f"{path}: input file does not exist")
     if path.is_dir():
         raise FluentRewardError(f"{path}: is a directory; give the path of a .json or .jsonl file")
     with open(path, "rb") as handle:
@@ -359,7 +359,7 @@ def run_validate(source: Path, output: Path, metrics_path: Path, cfg: ValidateCo
             if (report.problems and cfg.on_error == "fail") or report.records_valid == 0:
                 raise _AbortWrite
     except _AbortWrite:
-        raise FluentRewardError(_problem_summary(source, report, cfg)) from None
+        raise FluentRewardError(problem_summary(source, report, cfg)) from None
     for warning in report.warnings[: cfg.max_problems_shown]:
         log.warning("%s", warning)
     write_json(metrics_path, report.metrics())
@@ -379,7 +379,8 @@ class _AbortWrite(Exception):
     """Raised inside the atomic write to discard the temporary file."""
 
 
-def _problem_summary(source: Path, report: ValidationReport, cfg: ValidateConfig) -> str:
+def problem_summary(source: Path, report: ValidationReport, cfg: ValidateConfig) -> str:
+    """Up to ``max_problems_shown`` problems, one per line, then a one-line count (shared with ``score``)."""
     shown = report.problems[: cfg.max_problems_shown]
     lines = [str(p) for p in shown]
     more = len(report.problems) - len(shown)
@@ -388,6 +389,6 @@ def _problem_summary(source: Path, report: ValidationReport, cfg: ValidateConfig
     lines.append(
         f"{source}: {len(report.problems)} problems in {report.dropped_count} of {report.records_read} records; "
         + ("no valid records; " if report.records_valid == 0 else "")
-        + "nothing written (fix them, or set validate.on_error: drop to skip bad records)"
+        + "nothing written (fix them, or skip bad records with --on-error drop or validate.on_error: drop)"
     )
     return "\n".join(lines)

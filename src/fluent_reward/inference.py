@@ -601,24 +601,22 @@ def score_file(
     (per dimension), plus the normalised record's fields with ``with_input``. Memory stays constant for JSONL input
     (a JSON array is parsed whole).
     """
-    from fluent_reward.data import Problem, _display_id, check_record, iter_raw_records, normalise
+    from fluent_reward.data import problem_summary, validate_file
     from fluent_reward.errors import FluentRewardError
     from fluent_reward.io import atomic_open
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if not source.exists():
-        raise FluentRewardError(f"{source}: input file does not exist")
     checked = check_weights(weights, scorer.dimensions) if weights is not None else None
+    rows, checks = validate_file(source, cfg)  # the validator's own stream: same checks, same messages
     report = ScoreFileReport()
-    reader_problems: list[Problem] = []
     total = _count_lines(source) if _looks_like_jsonl(source) else None
 
-    def flush(rows: list[dict[str, Any]], handle: Any) -> None:
+    def flush(batch: list[dict[str, Any]], handle: Any) -> None:
         scores = scorer.score_dimensions(
-            [r["context"] for r in rows], [r["tutor_response"] for r in rows], [r["student_message"] for r in rows]
+            [r["context"] for r in batch], [r["tutor_response"] for r in batch], [r["student_message"] for r in batch]
         )
-        for row, result in zip(rows, scores, strict=True):
+        for row, result in zip(batch, scores, strict=True):
             values = result.as_dict(checked)
             out = {
                 "id": row["id"],
@@ -630,12 +628,11 @@ def score_file(
             if with_input:
                 out["input"] = row
             handle.write(json.dumps(out, ensure_ascii=False) + "\n")
-        report.records_scored += len(rows)
+        report.records_scored += len(batch)
 
-    def note(problem: Any) -> None:
-        report.problems_total += 1
-        if len(report.problems) < max_problems_kept:
-            report.problems.append(problem)
+    def failing() -> bool:
+        # With on_error=fail the output will be discarded: keep reading (to report every problem) only.
+        return cfg.on_error == "fail" and bool(checks.problems)
 
     try:
         with (
@@ -643,33 +640,26 @@ def score_file(
             _progress(show_progress, total, f"scoring {source.name}") as advance,
         ):
             buffer: list[dict[str, Any]] = []
-            for number, record in iter_raw_records(source, reader_problems):
-                for problem in reader_problems:  # unparseable lines met before this record
-                    note(problem)
-                    report.records_read += 1
-                reader_problems.clear()
-                report.records_read += 1
-                advance(1)
-                found = check_record(record, cfg)
-                for kind, name, message in found:
-                    note(Problem(kind, str(source), message, number, _display_id(record), name))
-                if found:
+            seen = 0
+            for row in rows:
+                advance(checks.records_read - seen)
+                seen = checks.records_read
+                if failing():
                     continue
-                # With on_error=fail the output will be discarded: keep checking (to report every problem) only.
-                if not (cfg.on_error == "fail" and report.problems_total):
-                    buffer.append(normalise(record))
+                buffer.append(row)
                 if len(buffer) >= chunk_size:
                     flush(buffer, handle)
                     buffer = []
-            for problem in reader_problems:
-                note(problem)
-                report.records_read += 1
-            if buffer and not (cfg.on_error == "fail" and report.problems_total):
+            if buffer and not failing():
                 flush(buffer, handle)
-            if (report.problems_total and cfg.on_error == "fail") or report.records_scored == 0:
+            if failing() or report.records_scored == 0:
                 raise _AbortWrite
     except _AbortWrite:
-        raise FluentRewardError(_problem_summary(source, report, cfg)) from None
+        raise FluentRewardError(problem_summary(source, checks, cfg)) from None
+    finally:
+        report.records_read = checks.records_read
+        report.problems = checks.problems[:max_problems_kept]
+        report.problems_total = len(checks.problems)
     for problem in report.problems[: cfg.max_problems_shown]:
         log.warning("%s (skipped)", problem)
     log.info(
@@ -685,20 +675,6 @@ def score_file(
 
 class _AbortWrite(Exception):
     """Raised inside the atomic write to discard the partial output."""
-
-
-def _problem_summary(source: Path, report: ScoreFileReport, cfg: ValidateConfig) -> str:
-    lines = [str(p) for p in report.problems[: cfg.max_problems_shown]]
-    if report.problems_total > len(lines):
-        lines.append(f"... and {report.problems_total - len(lines)} more problems")
-    if report.problems_total and cfg.on_error == "fail":
-        lines.append(
-            f"{source}: {report.problems_total} problems in {report.records_read} records; nothing written "
-            "(fix them, or pass --on-error drop to skip bad records)"
-        )
-    else:
-        lines.append(f"{source}: no valid records to score; nothing written")
-    return "\n".join(lines)
 
 
 def _looks_like_jsonl(path: Path) -> bool:
