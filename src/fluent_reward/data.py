@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fluent_reward.config import ValidateConfig
+from fluent_reward.config import Rubric, ValidateConfig
 from fluent_reward.errors import FluentRewardError
-from fluent_reward.io import atomic_open, stable_hash, write_json
+from fluent_reward.io import atomic_open, iter_jsonl, read_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -392,3 +392,49 @@ def problem_summary(source: Path, report: ValidationReport, cfg: ValidateConfig)
         + "nothing written (fix them, or skip bad records with --on-error drop or validate.on_error: drop)"
     )
     return "\n".join(lines)
+
+
+def load_judged_records(
+    validated: Path, judgments: Path, rubric: Rubric, skip_unjudged: bool = False
+) -> list[dict[str, Any]]:
+    """The validated records, in file order, each with ``scores`` (per dimension) and ``overall`` from the judge.
+
+    Fails with a message saying what to rerun when the judgments were made with other dimensions or another scale
+    than ``rubric``, or when a record has no judgment; with ``skip_unjudged`` such records are left out with a
+    warning instead (the judge may have failed on a few: pairs can do without them, training cannot).
+    """
+    for path, stage in ((validated, "validate"), (judgments, "judge")):
+        if not Path(path).is_file():
+            raise FluentRewardError(f"{path}: not found (run `fluent-reward {stage}` or `dvc repro`)")
+    doc = read_json(judgments)
+    dims = doc.get("dimensions") or rubric.names
+    if list(dims) != rubric.names:
+        raise FluentRewardError(
+            f"{judgments}: judged on dimensions {list(dims)} but rubric.dimensions is {rubric.names}; "
+            "rerun `fluent-reward judge`"
+        )
+    scale = doc.get("scale")
+    if scale and (scale.get("min"), scale.get("max")) != (rubric.scale.min, rubric.scale.max):
+        raise FluentRewardError(
+            f"{judgments}: judged on scale {scale} but rubric.scale is {rubric.scale.model_dump()}; "
+            "rerun `fluent-reward judge`"
+        )
+    by_id = {j["id"]: j for j in doc.get("judgments", [])}
+    records, missing = [], []
+    for row in iter_jsonl(validated):
+        judgment = by_id.get(row["id"])
+        if judgment is None:
+            missing.append(row["id"])
+            continue
+        scores = {name: float(judgment["scores"][name]) for name in rubric.names}
+        records.append({**row, "scores": scores, "overall": rubric.overall(scores)})
+    if missing and skip_unjudged:
+        log.warning("%d validated records have no judgment in %s; left out", len(missing), judgments)
+    elif missing:
+        raise FluentRewardError(
+            f"{judgments}: {len(missing)} validated record(s) have no judgment (first: {missing[:5]}); "
+            "rerun `fluent-reward judge`"
+        )
+    if not records:
+        raise FluentRewardError(f"{validated}: no records to train on")
+    return records

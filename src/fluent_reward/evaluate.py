@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from fluent_reward.config import EvaluateConfig, Params
+from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open, read_json, stable_hash, write_json
 from fluent_reward.model import OVERALL, encode_batch, load_model_folder
 from fluent_reward.train import (
     SPLITS,
     UNKNOWN_LANGUAGE,
-    load_judged_records,
     predict_logits,
     quiet_transformers,
     split_of,

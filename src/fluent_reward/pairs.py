@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fluent_reward.config import Rubric
+from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
-from fluent_reward.io import atomic_open, iter_jsonl, read_json, write_json
+from fluent_reward.io import atomic_open, write_json
 from fluent_reward.model import split_turns
 
 log = logging.getLogger(__name__)
@@ -185,28 +186,10 @@ def judged_candidates(validated: Path, judgments: Path, rubric: Rubric) -> list[
     """The validated records with the judge's overall (``rubric.overall`` of its dimension scores).
 
     Records without a judgment are skipped with a warning (the judge may have failed on a few); judgments made on
-    other dimensions than the rubric's are an error.
+    other dimensions or another scale than the rubric's are an error.
     """
-    for path, stage in ((validated, "validate"), (judgments, "judge")):
-        if not Path(path).is_file():
-            raise FluentRewardError(f"{path}: not found (run `fluent-reward {stage}` or `dvc repro`)")
-    doc = read_json(judgments)
-    dims = list(doc.get("dimensions") or rubric.names)
-    if dims != rubric.names:
-        raise FluentRewardError(
-            f"{judgments}: judged on dimensions {dims} but rubric.dimensions is {rubric.names}; rerun the judge"
-        )
-    by_id = {j["id"]: j for j in doc.get("judgments", [])}
-    out, missing = [], 0
-    for row in iter_jsonl(validated):
-        judgment = by_id.get(row["id"])
-        if judgment is None:
-            missing += 1
-            continue
-        out.append(_candidate(row, rubric.overall(judgment["scores"])))
-    if missing:
-        log.warning("%d validated records have no judgment in %s; left out of the pairs", missing, judgments)
-    return out
+    records = load_judged_records(validated, judgments, rubric, skip_unjudged=True)
+    return [_candidate(row, row["overall"]) for row in records]
 
 
 def model_candidates(source: Path, scorer: Any, cfg: Any, show_progress: bool = False) -> list[Candidate]:

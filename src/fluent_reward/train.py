@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fluent_reward.config import Params, Rubric, SplitRatios, TrainConfig
+from fluent_reward.config import Params, SplitRatios, TrainConfig
+from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
-from fluent_reward.io import file_sha256, iter_jsonl, read_json, stable_hash, write_json
+from fluent_reward.io import file_sha256, stable_hash, write_json
 from fluent_reward.model import OVERALL, ModelMetadata, encode_batch, resolve_backbone
 
 if TYPE_CHECKING:
@@ -52,47 +53,6 @@ LOG_FILE = "train.jsonl"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Records, judgments and targets
-
-
-def load_judged_records(validated: Path, judgments: Path, rubric: Rubric) -> list[dict[str, Any]]:
-    """The validated records, in file order, each with ``scores`` (per dimension) and ``overall`` from the judge.
-
-    Fails with a message saying what to rerun when a record has no judgment or the judgments were made with
-    other dimensions or another scale than ``rubric``.
-    """
-    for path, stage in ((validated, "validate"), (judgments, "judge")):
-        if not Path(path).is_file():
-            raise FluentRewardError(f"{path}: not found (run `fluent-reward {stage}` or `dvc repro`)")
-    doc = read_json(judgments)
-    dims = doc.get("dimensions") or rubric.names
-    if list(dims) != rubric.names:
-        raise FluentRewardError(
-            f"{judgments}: judged on dimensions {list(dims)} but rubric.dimensions is {rubric.names}; "
-            "rerun `fluent-reward judge`"
-        )
-    scale = doc.get("scale")
-    if scale and (scale.get("min"), scale.get("max")) != (rubric.scale.min, rubric.scale.max):
-        raise FluentRewardError(
-            f"{judgments}: judged on scale {scale} but rubric.scale is {rubric.scale.model_dump()}; "
-            "rerun `fluent-reward judge`"
-        )
-    by_id = {j["id"]: j for j in doc.get("judgments", [])}
-    records, missing = [], []
-    for row in iter_jsonl(validated):
-        judgment = by_id.get(row["id"])
-        if judgment is None:
-            missing.append(row["id"])
-            continue
-        scores = {name: float(judgment["scores"][name]) for name in rubric.names}
-        records.append({**row, "scores": scores, "overall": rubric.overall(scores)})
-    if missing:
-        raise FluentRewardError(
-            f"{judgments}: {len(missing)} validated record(s) have no judgment (first: {missing[:5]}); "
-            "rerun `fluent-reward judge`"
-        )
-    if not records:
-        raise FluentRewardError(f"{validated}: no records to train on")
-    return records
 
 
 def training_data_sha256(*paths: Path) -> str:
