@@ -149,3 +149,15 @@ def judge_project(tmp_path, monkeypatch, strict_sdk) -> JudgeProject:
 # ================================================================================================================
 # end of judge fixtures
 # ================================================================================================================
+
+
+# ---- shared: test isolation ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a TRL trainer in one test must not fix another test's precision."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
