@@ -10,6 +10,7 @@ import math
 import random
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,19 +20,18 @@ from safetensors.torch import load_file
 from fluent_reward.config import SplitRatios
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import file_sha256, read_json, stable_hash, write_json
-from fluent_reward.model import METADATA_FILE, ModelMetadata
+from fluent_reward.model import METADATA_FILE, ModelMetadata, collate, target_matrix
+from fluent_reward.splits import SPLITS, make_splits
 from fluent_reward.train import (
     LOG_FILE,
-    SPLITS,
-    collate,
     fit_normalisation,
     group_batches,
-    make_splits,
+    optimizer_steps,
     pairwise_loss,
+    plan_epochs,
     pointwise_loss,
     run_train,
     shard_batches,
-    target_matrix,
 )
 from tests.test_train_support import make_learnable_backbone, tiny_project
 
@@ -127,6 +127,21 @@ def test_shard_batches_gives_each_process_its_share_and_equal_steps():
     assert shard_batches(batches, 0, 1) == batches
 
 
+def test_the_schedule_counts_the_steps_every_epoch_really_runs():
+    # uneven groups: each epoch packs them differently, so one plan's length times the epochs is not the total
+    sizes = [1, 7, 3, 6, 2, 5, 4, 7, 1, 6, 3, 5]
+    starts = np.cumsum([0, *sizes])
+    groups = [list(range(starts[k], starts[k + 1])) for k in range(len(sizes))]
+    lengths = [random.Random(i).randint(10, 300) for i in range(int(starts[-1]))]
+    cfg = SimpleNamespace(batch_size=4, seed=0, epochs=6, bucket_batches=8)
+    plans = plan_epochs(groups, lengths, cfg, rank=0, world=1)
+    assert len({len(p) for p in plans}) > 1  # the epochs differ (the bug: the schedule assumed they did not)
+    assert optimizer_steps(plans, 1) == sum(len(p) for p in plans)
+    assert optimizer_steps(plans, 4) == sum(math.ceil(len(p) / 4) for p in plans)
+    for epoch, plan in enumerate(plans, start=1):
+        assert plan == group_batches(groups, lengths, 4, random.Random(f"0-{epoch}"))
+
+
 def test_collate_pads_to_the_longest_in_the_batch():
     batch = collate(
         [
@@ -209,6 +224,13 @@ def test_run_writes_model_split_metrics_and_logs(trained):
     rows = [json.loads(line) for line in (Path(params.data.logs_dir) / LOG_FILE).read_text().splitlines()]
     steps = [r for r in rows if r["event"] == "step"]
     assert steps and all({"loss", "examples_per_s", "lr"} <= set(r) for r in steps)
+    # the schedule ends exactly at the last step: every step before it trains at a learning rate above 0
+    assert metrics["optimizer_steps"] == metrics["planned_optimizer_steps"] == steps[-1]["step"]
+    assert all(r["lr"]["encoder"] > 0 and r["lr"]["head"] > 0 for r in steps[:-1])
+    assert steps[-1]["lr"]["encoder"] == 0.0
+    assert 0 < metrics["tokens_useful"] <= metrics["tokens_computed"]
+    useful_share = metrics["tokens_useful"] / metrics["tokens_computed"]
+    assert metrics["padding_share"] == pytest.approx(1 - useful_share, abs=1e-4)
     assert [r["epoch"] for r in rows if r["event"] == "validation"] == [1, 2]
 
 

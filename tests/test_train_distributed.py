@@ -46,7 +46,9 @@ def test_two_processes_see_different_data_and_end_identical(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER, encoding="utf-8")
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO)}
+    # this checkout's sources first: the venv's editable install may point at another checkout
+    path = os.pathsep.join([str(REPO / "src"), str(REPO)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": path}
     cmd = [
         sys.executable,
         "-m",

@@ -163,12 +163,26 @@ class TrainConfig(_Section):
     head_lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     warmup_ratio: float = Field(ge=0, lt=1)
-    mixed_precision: Literal["no", "fp16", "bf16"]
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = Field(
+        description="no | fp16 (CUDA) | bf16 | auto: bf16 where the CPU/GPU has native bf16, else fp32 (logged)"
+    )
     early_stopping_patience: int = Field(ge=1)
-    num_threads: int = Field(ge=0)
+    num_threads: int = Field(ge=0, description="torch CPU threads (0: the CPUs this process may use / processes)")
     max_grad_norm: float = Field(ge=0)
     freeze_embeddings: bool
     freeze_layers: int = Field(ge=0)
+    frozen_cache: bool = Field(
+        description="with frozen embeddings: compute the frozen layers once per example and train only the rest"
+    )
+    frozen_cache_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        description="storage of the cached frozen-layer outputs (float16: half the memory of float32)"
+    )
+    frozen_cache_max_mb: int = Field(
+        ge=0, description="the cache stays in memory up to this size; past it, a memory-mapped file in TMPDIR"
+    )
+    bucket_batches: int = Field(
+        ge=1, description="batches' worth of whole groups sorted by length together (more: less padding)"
+    )
 
 
 class EvaluateConfig(_Section):

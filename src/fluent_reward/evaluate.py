@@ -30,16 +30,9 @@ from fluent_reward.config import EvaluateConfig, Params
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open, read_json, stable_hash, write_json
-from fluent_reward.model import OVERALL, encode_batch, load_model_folder
-from fluent_reward.train import (
-    SPLITS,
-    UNKNOWN_LANGUAGE,
-    predict_logits,
-    quiet_transformers,
-    split_of,
-    target_matrix,
-    training_data_sha256,
-)
+from fluent_reward.model import OVERALL, load_model_folder, predict_scores, quiet_transformers, target_matrix
+from fluent_reward.splits import SPLITS, UNKNOWN_LANGUAGE, split_of, training_data_sha256
+from fluent_reward.stats import spearman
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +48,15 @@ TIE_TOLERANCE = 1e-9
 
 def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, float]:
     """Pearson, Spearman, Kendall (tau-b), MAE and RMSE; a correlation is NaN when either side is constant."""
-    from scipy.stats import kendalltau, pearsonr, spearmanr
+    from scipy.stats import kendalltau, pearsonr
 
     t, p = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
     out = {"mae": float(np.mean(np.abs(p - t))), "rmse": float(np.sqrt(np.mean((p - t) ** 2)))}
     constant = len(t) < 2 or np.ptp(t) == 0 or np.ptp(p) == 0
     out["pearson"] = math.nan if constant else float(pearsonr(t, p).statistic)
-    out["spearman"] = math.nan if constant else float(spearmanr(t, p).statistic)
+    out["spearman"] = spearman(t, p)
     out["kendall"] = math.nan if constant else float(kendalltau(t, p).statistic)
     return out
-
-
-def spearman(y_true: Sequence[float], y_pred: Sequence[float]) -> float:
-    """Spearman's rho, NaN when either side is constant."""
-    return regression_metrics(y_true, y_pred)["spearman"]
 
 
 def bootstrap_spearman_ci(
@@ -448,16 +436,7 @@ def run_evaluate(params: Params) -> dict[str, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    with quiet_transformers():
-        encoded = encode_batch(
-            tokenizer,
-            [r["context"] for r in records],
-            [r["student_message"] for r in records],
-            [r["tutor_response"] for r in records],
-            meta.max_length,
-        )
-    logits = predict_logits(model, encoded, cfg.batch_size, tokenizer.pad_token_id or 0, device)
-    pred = np.round(logits * np.asarray(meta.std) + np.asarray(meta.mean), PRED_DECIMALS)
+    pred = np.round(predict_scores(model, tokenizer, meta, records, cfg.batch_size), PRED_DECIMALS)
     judge = np.round(target_matrix(records, rubric.names), PRED_DECIMALS)
     write_predictions(paths.predictions, records, record_split, judge, pred, rubric.names)
 

@@ -1,24 +1,23 @@
-"""The train stage: splits by group, standardised targets, group-aware batches and the training loop on accelerate.
+"""The train stage, in named steps (in the spirit of nanoGPT's train.py):
 
-``run_train(params)`` is the whole stage (the CLI only calls it). It
+    run_train  load the judged records -> make the split (written to ``data.splits``) -> fit -> save -> metrics
+    fit        build the model -> build the data -> plan every epoch -> (one epoch -> validate) x epochs
+               -> restore the best epoch's weights; writes nothing to disk (cross-validation calls it per fold)
 
-1. joins the validated records with their judgments and computes the targets (the rubric's weighted overall, then
-   every dimension, on the judge's scale);
-2. splits the groups (all candidate replies of one context) into train / validation / test, seeded and stratified by
-   language, and writes the split to ``data.splits``; the test groups are never tokenised here;
-3. fine-tunes ``AutoModelForSequenceClassification(num_labels=1 + n_dims)`` on standardised targets with a pointwise
-   loss plus a Bradley–Terry term between replies of the same group, early-stopping on the validation Spearman of the
-   overall score and keeping the best epoch's weights;
-4. saves the model folder (safetensors, tokenizer, ``fluent_reward.json``) and ``data.train_metrics``.
+The model is ``AutoModelForSequenceClassification(num_labels=1 + n_dims)`` on standardised targets, trained with a
+pointwise loss plus a Bradley–Terry term between replies of the same group, early-stopping on the validation
+Spearman of the overall score. Work that does not change is done once: with the embeddings and the lowest layers
+frozen, their output is computed once per example (``fluent_reward.frozen_prefix``) and each epoch runs only the
+trainable layers; batches hold whole groups of similar lengths (little padding); bf16 autocast where the CPU or GPU
+has native bf16 (``train.mixed_precision: auto``).
 
 The same code runs on one CPU and, unchanged, under ``accelerate launch`` / ``torchrun`` on several processes: every
-process builds the same epoch plan of whole-group batches and takes every ``world_size``-th batch.
+process builds the same epoch plans of whole-group batches and takes every ``world_size``-th batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -28,44 +27,51 @@ import resource
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fluent_reward.config import Params, SplitRatios, TrainConfig
+from fluent_reward.config import Params, Rubric, TrainConfig
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
-from fluent_reward.io import file_sha256, stable_hash, write_json
-from fluent_reward.model import OVERALL, ModelMetadata, encode_batch, resolve_backbone
+from fluent_reward.io import stable_hash, write_json
+from fluent_reward.model import (
+    OVERALL,
+    ModelMetadata,
+    collate,
+    encode_records,
+    pad_id,
+    predict_in_batches,
+    quiet_transformers,
+    resolve_backbone,
+    target_matrix,
+)
+from fluent_reward.progress import format_duration
+from fluent_reward.progress import progress as report_progress
+from fluent_reward.splits import (
+    SPLITS,
+    group_languages,
+    make_splits,
+    split_document,
+    split_of,
+    training_data_sha256,
+)
+from fluent_reward.stats import spearman
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
-UNKNOWN_LANGUAGE = "unknown"
 LOG_FILE = "train.jsonl"
+TAIL_TOLERANCE = 1e-3  # largest |logit difference| allowed between the whole model and prefix + tail (fp32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Records, judgments and targets
-
-
-def training_data_sha256(*paths: Path) -> str:
-    """One digest of the bytes of the files, in order (the judgments and the validated records)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(file_sha256(path).encode())
-    return digest.hexdigest()
-
-
-def target_matrix(records: Sequence[dict[str, Any]], dimensions: Sequence[str]) -> np.ndarray:
-    """Judge-scale targets, shape (n, 1 + n_dims): the overall first, then the dimensions in rubric order."""
-    return np.array([[r["overall"], *(r["scores"][d] for d in dimensions)] for r in records], dtype=np.float64)
+# Targets
 
 
 def fit_normalisation(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,64 +79,6 @@ def fit_normalisation(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = targets.mean(axis=0)
     std = targets.std(axis=0)
     return mean, np.where(std > 1e-8, std, 1.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Splits
-
-
-def make_splits(groups: dict[str, str], ratios: SplitRatios, seed: int) -> dict[str, list[str]]:
-    """Assign whole groups to train / validation / test.
-
-    Args:
-        groups: group_id -> language (the stratum; any string).
-        ratios: target fractions of groups per split (sum 1).
-        seed: the same seed and groups always give the same split, on any machine.
-
-    Returns:
-        ``{"train": [...], "validation": [...], "test": [...]}``, sorted group ids. Counts are exact (rounded, each
-        split at least one group); languages are spread in proportion: groups are shuffled within each language by a
-        seeded hash, given their relative position in that language, then cut in order of position.
-    """
-    if len(groups) < 3:
-        raise FluentRewardError(f"need at least 3 groups (contexts) to split train/validation/test, got {len(groups)}")
-    by_language: dict[str, list[str]] = defaultdict(list)
-    for gid, language in groups.items():
-        by_language[language].append(gid)
-    position = {}
-    for members in by_language.values():
-        members.sort(key=lambda g: stable_hash(seed, g))
-        for i, gid in enumerate(members):
-            position[gid] = (i + 0.5) / len(members)
-    ordered = sorted(groups, key=lambda g: (position[g], stable_hash(seed, "order", g)))
-    n = len(ordered)
-    n_test = max(1, round(n * ratios.test))
-    n_val = max(1, round(n * ratios.validation))
-    if n - n_test - n_val < 1:
-        raise FluentRewardError(f"{n} groups are too few for split ratios {ratios.model_dump()}")
-    return {
-        "test": sorted(ordered[:n_test]),
-        "validation": sorted(ordered[n_test : n_test + n_val]),
-        "train": sorted(ordered[n_test + n_val :]),
-    }
-
-
-def group_languages(records: Iterable[dict[str, Any]]) -> dict[str, str]:
-    """group_id -> language of its first record (``unknown`` when absent)."""
-    out: dict[str, str] = {}
-    for r in records:
-        out.setdefault(r["group_id"], r.get("language") or UNKNOWN_LANGUAGE)
-    return out
-
-
-def split_document(splits: dict[str, list[str]], ratios: SplitRatios, seed: int) -> dict[str, Any]:
-    """The ``data.splits`` file (see docs/ARCHITECTURE.md)."""
-    return {"seed": seed, "ratios": ratios.model_dump(), "groups": {name: splits[name] for name in SPLITS}}
-
-
-def split_of(split_doc: dict[str, Any]) -> dict[str, str]:
-    """group_id -> split name, from a ``data.splits`` document."""
-    return {gid: name for name, gids in split_doc["groups"].items() for gid in gids}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,16 +135,26 @@ def shard_batches(batches: Sequence[list[int]], rank: int, world_size: int) -> l
     return plan[rank::world_size]
 
 
-def collate(encoded: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest example (dynamic padding)."""
-    import torch
+def plan_epochs(
+    group_members: Sequence[Sequence[int]], lengths: Sequence[int], cfg: TrainConfig, rank: int, world: int
+) -> list[list[list[int]]]:
+    """Every epoch's batches for this process, built up front (each epoch its own seeded shuffle), so the learning
+    rate schedule is sized from the steps that will really run."""
+    return [
+        shard_batches(
+            group_batches(
+                group_members, lengths, cfg.batch_size, random.Random(f"{cfg.seed}-{epoch}"), cfg.bucket_batches
+            ),
+            rank,
+            world,
+        )
+        for epoch in range(1, cfg.epochs + 1)
+    ]
 
-    width = max(len(e["input_ids"]) for e in encoded)
-    out: dict[str, torch.Tensor] = {}
-    for key in encoded[0]:
-        pad = pad_token_id if key == "input_ids" else 0
-        out[key] = torch.tensor([e[key] + [pad] * (width - len(e[key])) for e in encoded], dtype=torch.long)
-    return out
+
+def optimizer_steps(plans: Sequence[Sequence[list[int]]], grad_accum_steps: int) -> int:
+    """Optimizer steps the plans take: each epoch's last window may be shorter than ``grad_accum_steps``."""
+    return sum(math.ceil(len(plan) / grad_accum_steps) for plan in plans)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,43 +221,15 @@ def load_backbone_model(backbone: str, labels: Sequence[str]) -> tuple[Any, Any,
     return model, tokenizer, sorted(info.get("missing_keys", []))
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' info/warning logs and progress bars for a block (our own log says what matters)."""
-    from transformers.utils import logging as hf_logging
+def freeze(model: Any, embeddings: bool, layers: int) -> list[Any]:
+    """Freeze the embeddings and/or the lowest ``layers`` transformer layers; return the frozen modules."""
+    from fluent_reward.frozen_prefix import frozen_modules
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def freeze(model: Any, embeddings: bool, layers: int) -> int:
-    """Freeze the embeddings and/or the lowest ``layers`` transformer layers; return how many tensors were frozen."""
-    base = model.base_model
-    modules = []
-    if embeddings:
-        modules.append(base.embeddings)
-    if layers:
-        stack = getattr(getattr(base, "encoder", None), "layer", None)
-        if stack is None:
-            raise FluentRewardError(
-                f"train.freeze_layers={layers}: this backbone has no `encoder.layer` stack; set it to 0"
-            )
-        if layers > len(stack):
-            raise FluentRewardError(f"train.freeze_layers={layers}: the backbone has only {len(stack)} layers")
-        modules += list(stack[:layers])
-    count = 0
+    modules = frozen_modules(model, embeddings, layers)
     for module in modules:
         for p in module.parameters():
             p.requires_grad_(False)
-            count += 1
-    return count
+    return modules
 
 
 def param_groups(model: Any, new_params: Sequence[str], cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -322,34 +252,514 @@ def param_groups(model: Any, new_params: Sequence[str], cfg: TrainConfig) -> lis
     ]
 
 
-def predict_logits(
-    model: Any, encoded: Sequence[dict[str, list[int]]], batch_size: int, pad_token_id: int, device: Any = None
-) -> np.ndarray:
-    """Raw logits (standardised units), shape (n, num_labels), in the order of ``encoded``; length-sorted batches."""
+# ----------------------------------------------------------------------------------------------------------------
+# Runtime: threads, precision, processes
+
+
+def choose_threads(requested: int) -> int:
+    """``requested`` if set; else what a launcher set (``OMP_NUM_THREADS``); else the CPUs this process may use,
+    shared among the processes of this machine (``LOCAL_WORLD_SIZE``)."""
     import torch
 
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    out = np.zeros((len(encoded), model.config.num_labels), dtype=np.float64)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_token_id).items()}
-            out[idx] = model(**batch).logits.float().cpu().numpy()
-    model.train(was_training)
-    return out
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation; NaN (constant input or fewer than 2 points) becomes -1 so it never wins early stopping."""
-    from scipy.stats import spearmanr
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads; a library call leaves the process as it found it."""
+    import torch
 
-    if len(a) < 2:
-        return -1.0
-    value = float(spearmanr(a, b).statistic)
-    return value if math.isfinite(value) else -1.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 (Linux: from /proc/cpuinfo). Without them bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(requested: str) -> str:
+    """The precision this machine will train in: ``auto`` is bf16 where it is native (CUDA with bf16, or a CPU with
+    AVX512-BF16/AMX), else fp32; an explicit ``bf16`` without native support falls back to fp32, with a log line."""
+    import torch
+
+    if requested in ("no", "fp16"):
+        if requested == "fp16" and not torch.cuda.is_available():
+            raise FluentRewardError("train.mixed_precision=fp16 needs a CUDA GPU; use 'no', 'bf16' or 'auto' on CPU")
+        return requested
+    if torch.cuda.is_available():
+        native, where = torch.cuda.is_bf16_supported(), "this GPU"
+    else:
+        native, where = cpu_has_native_bf16(), "this CPU"
+    if native:
+        return "bf16"
+    log_ = log.warning if requested == "bf16" else log.info
+    log_("train.mixed_precision=%s: %s has no native bf16; training in fp32", requested, where)
+    return "no"
+
+
+def make_accelerator(precision: str) -> Any:
+    """accelerate's Accelerator for this run. In a single process, a precision other than the process-wide state's
+    (an earlier ``fit`` in the same process, e.g. a benchmark) resets that state instead of failing."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state()
+    # accelerate picks gloo on CPU-only machines only when asked for the CPU: several processes with no GPU.
+    cpu = world > 1 and not torch.accelerator.is_available()
+    return Accelerator(mixed_precision=precision, cpu=cpu)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class TrainData:
+    """The train and validation examples, tokenised, with standardised targets (the test split is never here)."""
+
+    records: dict[str, list[dict[str, Any]]]
+    encoded: dict[str, list[dict[str, list[int]]]]
+    targets: dict[str, np.ndarray]  # standard units, (n, 1 + n_dims)
+    mean: np.ndarray
+    std: np.ndarray
+    group_members: list[list[int]]  # train example indices per train group
+    group_number: np.ndarray  # per train example: its group's number (for the pairwise loss)
+
+    def lengths(self, split: str) -> list[int]:
+        return [len(e["input_ids"]) for e in self.encoded[split]]
+
+
+def build_data(
+    records: Sequence[dict[str, Any]], splits: dict[str, list[str]], rubric: Rubric, tokenizer: Any, max_length: int
+) -> TrainData:
+    """Select the train and validation records (by group), standardise their targets with the train split's
+    statistics, tokenise them, and index the train groups."""
+    where = {gid: name for name in ("train", "validation") for gid in splits[name]}
+    chosen = {name: [r for r in records if where.get(r["group_id"]) == name] for name in ("train", "validation")}
+    for name, rows in chosen.items():
+        if not rows:
+            raise FluentRewardError(f"the {name} split has no records (groups: {len(splits[name])})")
+    raw = {name: target_matrix(rows, rubric.names) for name, rows in chosen.items()}
+    mean, std = fit_normalisation(raw["train"])
+    group_ids = sorted({r["group_id"] for r in chosen["train"]})
+    number = {g: i for i, g in enumerate(group_ids)}
+    members: list[list[int]] = [[] for _ in group_ids]
+    for i, r in enumerate(chosen["train"]):
+        members[number[r["group_id"]]].append(i)
+    return TrainData(
+        records=chosen,
+        encoded={name: encode_records(tokenizer, rows, max_length) for name, rows in chosen.items()},
+        targets={name: (t - mean) / std for name, t in raw.items()},
+        mean=mean,
+        std=std,
+        group_members=members,
+        group_number=np.array([number[r["group_id"]] for r in chosen["train"]]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What each step feeds the trainable module: token ids, or the cached output of the frozen prefix
+
+
+@dataclass
+class TokenInputs:
+    """Batches of token ids for ``FullForward`` (the whole model runs every step)."""
+
+    encoded: dict[str, list[dict[str, list[int]]]]
+    pad: int
+    description: str = "whole model every step"
+
+    def batch(self, split: str, indices: Sequence[int], device: Any) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in collate([self.encoded[split][i] for i in indices], self.pad).items()}
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class CachedInputs:
+    """Batches of cached frozen-prefix outputs for ``TailForward`` (train examples first, then validation)."""
+
+    cache: Any  # frozen_prefix.FeatureCache
+    offset: dict[str, int]
+    description: str = ""
+
+    def batch(self, split: str, indices: Sequence[int], device: Any) -> dict[str, torch.Tensor]:
+        return self.cache.batch([self.offset[split] + i for i in indices], device)
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def build_trainable(model: Any, data: TrainData, cfg: TrainConfig, frozen: list[Any], pad: int) -> tuple[Any, Any]:
+    """(module to train, its inputs): ``TailForward`` on a frozen-prefix cache when the embeddings are frozen, the
+    cache is on and the architecture is known and checked to agree; else ``FullForward`` on token ids."""
+    from fluent_reward.frozen_prefix import (
+        CACHE_DTYPES,
+        FullForward,
+        TailForward,
+        build_cache,
+        supports_tail,
+        tail_agreement,
+    )
+
+    full = (FullForward(model, frozen), TokenInputs(data.encoded, pad))
+    if not (cfg.frozen_cache and cfg.freeze_embeddings):
+        return full
+    if not supports_tail(model):
+        log.info(
+            "frozen-prefix cache: %s is not a BERT-style classifier; running the whole model", type(model).__name__
+        )
+        return full
+    diff = tail_agreement(model, cfg.freeze_layers, data.encoded["train"][:4], pad)
+    if diff > TAIL_TOLERANCE:
+        log.warning("frozen-prefix cache: prefix + tail differ from the model by %.2g; running the whole model", diff)
+        return full
+    started = time.perf_counter()
+    everything = data.encoded["train"] + data.encoded["validation"]
+    cache = build_cache(
+        model,
+        cfg.freeze_layers,
+        everything,
+        pad,
+        2 * cfg.batch_size,
+        CACHE_DTYPES[cfg.frozen_cache_dtype],
+        cfg.frozen_cache_max_mb * 2**20,
+    )
+    where = f"on disk ({cache.path})" if cache.on_disk else "in memory"
+    description = (
+        f"embeddings + {cfg.freeze_layers} layer(s) run once: {len(everything)} examples, "
+        f"{cache.nbytes / 2**20:.0f} MB {cfg.frozen_cache_dtype} {where}, {time.perf_counter() - started:.1f} s"
+    )
+    log.info("frozen-prefix cache: %s", description)
+    offset = {"train": 0, "validation": len(data.encoded["train"])}
+    return TailForward(model, cfg.freeze_layers, frozen), CachedInputs(cache, offset, description)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop: one epoch, one optimizer step, validation
+
+
+@dataclass
+class Loop:
+    """Everything the epochs share (built by ``start_loop``), and the counters they advance."""
+
+    cfg: TrainConfig
+    data: TrainData
+    accelerator: Any
+    module: Any  # the prepared (maybe DDP-wrapped) FullForward / TailForward
+    inputs: Any  # TokenInputs / CachedInputs
+    optimizer: Any
+    scheduler: Any
+    plans: list[list[list[int]]]  # every epoch's batches for this process
+    total_steps: int
+    write: Any = None  # write(row): the step log
+    advance: Any = None  # advance(n, info): the progress report
+    step: int = 0
+    examples: int = 0
+    tokens_useful: int = 0
+    tokens_computed: int = 0
+    train_time: float = 0.0
+    seen: list[set[str]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def step_log(path: Path | None) -> Iterator[Any]:
+    """Yields ``write(row)``: one JSON line per row, line-buffered (a crashed run keeps its log); no file: no-op."""
+    if path is None:
+        yield lambda row: None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", buffering=1) as handle:
+        yield lambda row: handle.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def train_epoch(loop: Loop, epoch: int, plan: Sequence[list[int]]) -> None:
+    """One pass over this process's batches; an optimizer step every ``grad_accum_steps`` micro-batches."""
+    import torch
+
+    cfg, data, acc = loop.cfg, loop.data, loop.accelerator
+    started = time.perf_counter()
+    loop.seen.append(set())
+    loop.module.train()
+    window: dict[str, float] = defaultdict(float)
+    for i, batch in enumerate(plan):
+        window_start = i - i % cfg.grad_accum_steps
+        window_size = min(cfg.grad_accum_steps, len(plan) - window_start)
+        sync = i - window_start == window_size - 1
+        inputs = loop.inputs.batch("train", batch, acc.device)
+        y = torch.tensor(data.targets["train"][batch], dtype=torch.float32, device=acc.device)
+        g = torch.tensor(data.group_number[batch], device=acc.device)
+        with contextlib.nullcontext() if sync else acc.no_sync(loop.module), acc.autocast():
+            logits = loop.module(**inputs).float()
+            point = pointwise_loss(logits, y, cfg.loss, cfg.huber_delta)
+            pair, n_pairs = pairwise_loss(logits[:, 0], y[:, 0], g, cfg.pairwise_margin_scale)
+            loss = point + cfg.pairwise_weight * pair
+        acc.backward(loss / window_size)
+        loop.seen[-1].update(data.records["train"][j]["id"] for j in batch)
+        loop.examples += len(batch)
+        loop.tokens_useful += int(inputs["attention_mask"].sum())
+        loop.tokens_computed += inputs["attention_mask"].numel()
+        for key, value in (("loss", loss.item()), ("pointwise", point.item()), ("pairwise", pair.item())):
+            window[key] += value / window_size
+        window["pairs"] += n_pairs
+        window["examples"] += len(batch)
+        if sync:
+            optimizer_step(loop, epoch, window, loop.train_time + time.perf_counter() - started)
+            window = defaultdict(float)
+    loop.train_time += time.perf_counter() - started
+
+
+def optimizer_step(loop: Loop, epoch: int, window: dict[str, float], elapsed: float) -> None:
+    """Clip, step, schedule, zero the gradients; log the step and advance the progress report."""
+    if loop.cfg.max_grad_norm > 0:
+        loop.accelerator.clip_grad_norm_(loop.module.parameters(), loop.cfg.max_grad_norm)
+    loop.optimizer.step()
+    loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.step += 1
+    world = loop.accelerator.num_processes
+    rate = loop.examples * world / max(elapsed, 1e-9)
+    loop.write(
+        {
+            "event": "step",
+            "epoch": epoch,
+            "step": loop.step,
+            "loss": round(window["loss"], 6),
+            "pointwise": round(window["pointwise"], 6),
+            "pairwise": round(window["pairwise"], 6),
+            "pairs": int(window["pairs"]),
+            "examples": int(window["examples"]) * world,
+            "lr": {g["name"]: g["lr"] for g in loop.optimizer.param_groups if "no_decay" not in g["name"]},
+            "examples_per_s": round(rate, 2),
+            "elapsed_s": round(elapsed, 2),
+        }
+    )
+    loop.advance(1, f"epoch {epoch} loss {window['loss']:.3f} {rate:.1f} ex/s")
+
+
+def validate(loop: Loop) -> tuple[float, np.ndarray]:
+    """Validation Spearman of the overall output (every process computes it; rank 0's value decides, so no process
+    diverges) and the predictions, in standard units."""
+    from accelerate.utils import broadcast_object_list
+
+    module = loop.accelerator.unwrap_model(loop.module)
+    module.eval()
+    device, target = loop.accelerator.device, loop.data.targets["validation"]
+
+    def forward(idx: list[int]) -> torch.Tensor:
+        with loop.accelerator.autocast():
+            return module(**loop.inputs.batch("validation", idx, device))
+
+    try:
+        pred = predict_in_batches(forward, loop.data.lengths("validation"), 2 * loop.cfg.batch_size, target.shape[1])
+    finally:
+        module.train()
+    value = [spearman(target[:, 0], pred[:, 0], undefined=-1.0)]  # undefined never wins early stopping
+    broadcast_object_list(value, from_process=0)
+    return value[0], pred
+
+
+def run_epochs(loop: Loop) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train epoch after epoch, validate after each, keep the best epoch's trainable weights, stop early.
+
+    Returns (history: one row per validation; best: ``spearman``, ``epoch``, ``state``)."""
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"spearman": -math.inf, "epoch": 0, "state": None}
+    model = loop.accelerator.unwrap_model(loop.module).model
+    bad_epochs = 0
+    for epoch, plan in enumerate(loop.plans, start=1):
+        train_epoch(loop, epoch, plan)
+        value, pred = validate(loop)
+        improved = value > best["spearman"]
+        if improved:  # frozen tensors never change: only the trainable ones are kept
+            state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+            best.update(spearman=value, epoch=epoch, state=state)
+        bad_epochs = 0 if improved else bad_epochs + 1
+        rmse = float(np.sqrt(np.mean((pred - loop.data.targets["validation"]) ** 2)))
+        row = {
+            "event": "validation",
+            "epoch": epoch,
+            "step": loop.step,
+            "validation_spearman": round(value, 6),
+            "validation_rmse_std_units": round(rmse, 6),
+            "best": improved,
+            "elapsed_s": round(loop.train_time, 2),
+        }
+        history.append(row)
+        loop.write(row)
+        left = format_duration(loop.train_time / epoch * (len(loop.plans) - epoch))
+        mark = " (best)" if improved else ""
+        log.info("epoch %d/%d: validation Spearman %.4f%s; at most %s to go", epoch, len(loop.plans), value, mark, left)
+        if bad_epochs >= loop.cfg.early_stopping_patience:
+            log.info("early stop: no better validation Spearman for %d epoch(s)", bad_epochs)
+            break
+    model.load_state_dict(best["state"], strict=False)
+    return history, best
+
+
+def start_loop(
+    accelerator: Any, cfg: TrainConfig, data: TrainData, module: Any, inputs: Any, new_params: list[str]
+) -> Loop:
+    """Plan every epoch, then the optimizer, the schedule (linear warm-up, then linear decay to 0 over exactly the
+    planned steps) and accelerate's wrapping; log the plan."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plans = plan_epochs(data.group_members, data.lengths("train"), cfg, rank, world)
+    steps = max(1, optimizer_steps(plans, cfg.grad_accum_steps))
+    optimizer = torch.optim.AdamW(param_groups(module.model, new_params, cfg))
+    module, optimizer = accelerator.prepare(module, optimizer)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
+    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    log.info(
+        "train %s: %d replies in %d groups (validation %d); %.1fM trainable parameters; %d epoch(s), %d optimizer "
+        "steps planned; %s; precision %s, %d thread(s), %d process(es)",
+        cfg.backbone,
+        len(data.records["train"]),
+        len(data.group_members),
+        len(data.records["validation"]),
+        n_trainable / 1e6,
+        cfg.epochs,
+        steps,
+        inputs.description,
+        accelerator.mixed_precision,
+        torch.get_num_threads(),
+        world,
+    )
+    return Loop(cfg, data, accelerator, module, inputs, optimizer, scheduler, plans, steps)
+
+
+@dataclass
+class FittedModel:
+    """A trained model (best epoch's weights, unwrapped, on this process's device) and what its training did."""
+
+    model: Any
+    tokenizer: Any
+    metadata: ModelMetadata
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    seen_ids: list[set[str]] = field(default_factory=list)  # per epoch: ids of the examples this process trained on
+
+
+def fit(
+    params: Params,
+    records: list[dict],
+    splits: dict[str, list[str]],
+    progress: bool = True,
+    *,
+    log_path: Path | None = None,
+) -> FittedModel:
+    """Train on the ``splits["train"]`` groups, early-stop on the ``splits["validation"]`` groups.
+
+    Args:
+        params: reads ``train`` and ``rubric``; nothing under ``data`` (no file is read or written).
+        records: judged records (``data.load_judged_records``); records of other groups (test) are ignored.
+        splits: ``{"train": [group ids], "validation": [group ids], ...}``.
+        progress: draw a progress bar on a terminal (main process); elsewhere progress is logged every ~30 s.
+        log_path: where the main process writes one JSON line per optimizer step and per validation (optional).
+
+    Returns:
+        The model with its best epoch's weights, its tokenizer, its metadata (without the data and split hashes,
+        which only the caller knows), the training metrics and the validation history.
+    """
+    from accelerate.utils import set_seed
+
+    cfg, rubric = params.train, params.rubric
+    with torch_threads(choose_threads(cfg.num_threads)):
+        started = time.perf_counter()
+        accelerator = make_accelerator(resolve_precision(cfg.mixed_precision))
+        set_seed(cfg.seed)
+        model, tokenizer, new_params = load_backbone_model(cfg.backbone, [OVERALL, *rubric.names])
+        frozen = freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
+        model.to(accelerator.device)
+        data = build_data(records, splits, rubric, tokenizer, cfg.max_length)
+        module, inputs = build_trainable(model, data, cfg, frozen, pad_id(tokenizer))
+        try:
+            loop = start_loop(accelerator, cfg, data, module, inputs, new_params)
+            main = accelerator.is_main_process
+            with (
+                step_log(log_path if main else None) as write,
+                report_progress("train", loop.total_steps, bar=progress and main) as advance,
+            ):
+                loop.write, loop.advance = write, advance
+                history, best = run_epochs(loop)
+        finally:
+            inputs.close()
+    metrics = fit_metrics(loop, best, history, time.perf_counter() - started)
+    meta = ModelMetadata(
+        dimensions=rubric.names,
+        weights=dict(rubric.weights),
+        scale=rubric.scale.model_dump(),
+        mean=[float(x) for x in data.mean],
+        std=[float(x) for x in data.std],
+        max_length=cfg.max_length,
+        backbone=cfg.backbone,
+        rubric_version=rubric.version,
+        extra={
+            "seed": cfg.seed,
+            "best_epoch": best["epoch"],
+            "best_validation_spearman": round(best["spearman"], 6),
+            "train_config": cfg.model_dump(mode="json"),
+            "n_train": len(data.records["train"]),
+        },
+    )
+    model = accelerator.unwrap_model(loop.module).model
+    return FittedModel(model, tokenizer, meta, metrics, history, loop.seen)
+
+
+def fit_metrics(loop: Loop, best: dict[str, Any], history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """What ``data.train_metrics`` reports about a fit (sizes, speed, where the compute went)."""
+    world = loop.accelerator.num_processes
+    return {
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"],
+        "best_validation_spearman": round(best["spearman"], 4),
+        "optimizer_steps": loop.step,
+        "planned_optimizer_steps": loop.total_steps,
+        "train_seconds": round(loop.train_time, 1),
+        "total_seconds": round(seconds, 1),
+        "examples_per_s": round(loop.examples * world / max(loop.train_time, 1e-9), 2),
+        "useful_tokens_per_s": round(loop.tokens_useful * world / max(loop.train_time, 1e-9), 1),
+        "tokens_useful": loop.tokens_useful * world,
+        "tokens_computed": loop.tokens_computed * world,
+        "padding_share": round(1 - loop.tokens_useful / max(loop.tokens_computed, 1), 4),
+        "frozen_prefix_cached": int(isinstance(loop.inputs, CachedInputs)),
+        "frozen_cache_mb": round(loop.inputs.cache.nbytes / 2**20, 1) if isinstance(loop.inputs, CachedInputs) else 0,
+        "bf16": int(loop.accelerator.mixed_precision == "bf16"),
+        "threads": _torch_threads(),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "processes": world,
+        "n_train": len(loop.data.records["train"]),
+        "n_validation": len(loop.data.records["validation"]),
+        "n_groups_train": len(loop.data.group_members),
+        "n_groups_validation": len({r["group_id"] for r in loop.data.records["validation"]}),
+        "trainable_parameters": sum(p.numel() for p in loop.module.parameters() if p.requires_grad),
+    }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,306 +777,60 @@ class TrainResult:
     model: Any = None  # the trained model (best epoch's weights), unwrapped, on this process's device
 
 
-class _StepLog:
-    """Per-step JSONL log on the main process (line-buffered, so a crashed run keeps its log)."""
-
-    def __init__(self, path: Path | None):
-        self.handle = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.handle:
-            self.handle.write(json.dumps(row, sort_keys=True) + "\n")
-
-    def close(self) -> None:
-        if self.handle:
-            self.handle.close()
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
-
-
-def _make_accelerator(cfg: TrainConfig) -> Any:
-    import torch
-    from accelerate import Accelerator
-
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise FluentRewardError("train.mixed_precision=fp16 needs a CUDA GPU; use 'no' (or 'bf16') on CPU")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # accelerate picks gloo on CPU-only machines only when asked for the CPU: several processes with no GPU.
-    cpu = world > 1 and not torch.accelerator.is_available()
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
-
-
 def run_train(params: Params, progress: bool = True) -> TrainResult:
     """Train the reward model described by ``params.train`` on ``params.data`` and save it.
 
     Args:
         params: all settings; reads ``data.*`` paths, ``rubric`` (dimensions, weights, scale) and ``train``.
-        progress: show the progress bar (main process only).
+        progress: show the progress bar (main process, on a terminal; elsewhere progress is logged).
 
     Returns:
         A TrainResult; side effects: ``data.splits``, ``data.model_dir``, ``data.train_metrics`` and
         ``data.logs_dir/train.jsonl`` are written (by the main process).
     """
-    import torch
-
-    threads = torch.get_num_threads()
-    if params.train.num_threads > 0:
-        torch.set_num_threads(params.train.num_threads)
-    try:
-        return _train(params, progress)
-    finally:
-        torch.set_num_threads(threads)  # a library call leaves the process as it found it
-
-
-def _train(params: Params, progress: bool) -> TrainResult:
-    import torch
-    from accelerate.utils import broadcast_object_list, set_seed
-    from transformers import get_linear_schedule_with_warmup
+    from accelerate import PartialState
 
     cfg, paths, rubric = params.train, params.data, params.rubric
-    accelerator = _make_accelerator(cfg)
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)
     started = time.perf_counter()
-
-    # --- data, split, targets
+    main = os.environ.get("RANK", "0") == "0"  # before accelerate starts: every launcher sets RANK
     records = load_judged_records(paths.validated, paths.judgments, rubric)
     splits = make_splits(group_languages(records), cfg.split, cfg.seed)
     split_doc = split_document(splits, cfg.split, cfg.seed)
     if main:
         write_json(paths.splits, split_doc)
-    where = split_of(split_doc)
-    subset = {name: [r for r in records if where[r["group_id"]] == name] for name in SPLITS}
-    labels = [OVERALL, *rubric.names]
-    raw_targets = {name: target_matrix(subset[name], rubric.names) for name in ("train", "validation")}
-    mean, std = fit_normalisation(raw_targets["train"])
-    targets = {name: (t - mean) / std for name, t in raw_targets.items()}
     log.info(
-        "split %d groups (train %d / validation %d / test %d) -> %s; training on %d records",
-        len(where),
+        "split %d groups (train %d / validation %d / test %d) -> %s",
+        len(split_of(split_doc)),
         *(len(splits[s]) for s in SPLITS),
         paths.splits,
-        len(subset["train"]),
     )
-
-    # --- model and inputs (the test split is never tokenised here)
-    model, tokenizer, new_params = load_backbone_model(cfg.backbone, labels)
-    frozen = freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with quiet_transformers():  # untruncated lengths are measured on purpose; the tokenizer warns about them
-        encoded = {
-            name: encode_batch(
-                tokenizer,
-                [r["context"] for r in subset[name]],
-                [r["student_message"] for r in subset[name]],
-                [r["tutor_response"] for r in subset[name]],
-                cfg.max_length,
-            )
-            for name in ("train", "validation")
-        }
-    train_recs, train_enc, train_y = subset["train"], encoded["train"], targets["train"]
-    lengths = [len(e["input_ids"]) for e in train_enc]
-    group_ids = sorted({r["group_id"] for r in train_recs})
-    group_index = {g: i for i, g in enumerate(group_ids)}
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(train_recs):
-        members[r["group_id"]].append(i)
-    group_members = [members[g] for g in group_ids]
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = math.ceil(
-        len(shard_batches(group_batches(group_members, lengths, cfg.batch_size, random.Random(0)), rank, world))
-        / cfg.grad_accum_steps
-    )
-    total_steps = max(1, steps_per_epoch * cfg.epochs)
-    optimizer = torch.optim.AdamW(param_groups(model, new_params, cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
-    unwrapped = accelerator.unwrap_model(model)
-    n_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    log.info(
-        "backbone %s: %d labels, %.1fM trainable parameters (%d tensors frozen), %d process(es), %d steps/epoch",
-        cfg.backbone,
-        len(labels),
-        n_trainable / 1e6,
-        frozen,
-        world,
-        steps_per_epoch,
-    )
-
-    steplog = _StepLog(Path(paths.logs_dir) / LOG_FILE if main else None)
-    history: list[dict[str, Any]] = []
-    seen: list[set[str]] = []
-    best = {"spearman": -math.inf, "epoch": 0, "state": None}
-    step, examples, train_time, bad_epochs, epochs_run = 0, 0, 0.0, 0, 0
-    model.train()
-    try:
-        with _progress(progress and main) as bar:
-            task = bar.add_task("train", total=total_steps, info="")
-            for epoch in range(1, cfg.epochs + 1):
-                epochs_run = epoch
-                rng = random.Random(f"{cfg.seed}-{epoch}")
-                plan = shard_batches(group_batches(group_members, lengths, cfg.batch_size, rng), rank, world)
-                epoch_start = time.perf_counter()
-                seen.append(set())
-                window: dict[str, float] = defaultdict(float)
-                for i, batch in enumerate(plan):
-                    window_start = i - i % cfg.grad_accum_steps
-                    window_size = min(cfg.grad_accum_steps, len(plan) - window_start)
-                    sync = i - window_start == window_size - 1
-                    inputs = {
-                        k: v.to(accelerator.device) for k, v in collate([train_enc[j] for j in batch], pad_id).items()
-                    }
-                    y = torch.tensor(train_y[batch], dtype=torch.float32, device=accelerator.device)
-                    g = torch.tensor([group_index[train_recs[j]["group_id"]] for j in batch], device=accelerator.device)
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                        logits = model(**inputs).logits.float()
-                        point = pointwise_loss(logits, y, cfg.loss, cfg.huber_delta)
-                        pair, n_pairs = pairwise_loss(logits[:, 0], y[:, 0], g, cfg.pairwise_margin_scale)
-                        loss = point + cfg.pairwise_weight * pair
-                    accelerator.backward(loss / window_size)
-                    seen[-1].update(train_recs[j]["id"] for j in batch)
-                    examples += len(batch)
-                    window["loss"] += loss.item() / window_size
-                    window["pointwise"] += point.item() / window_size
-                    window["pairwise"] += pair.item() / window_size
-                    window["pairs"] += n_pairs
-                    window["examples"] += len(batch)
-                    if not sync:
-                        continue
-                    if cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    elapsed = train_time + time.perf_counter() - epoch_start
-                    rate = examples * world / max(elapsed, 1e-9)
-                    steplog.write(
-                        {
-                            "event": "step",
-                            "epoch": epoch,
-                            "step": step,
-                            "loss": round(window["loss"], 6),
-                            "pointwise": round(window["pointwise"], 6),
-                            "pairwise": round(window["pairwise"], 6),
-                            "pairs": int(window["pairs"]),
-                            "examples": int(window["examples"]) * world,
-                            "lr": {
-                                grp["name"]: grp["lr"]
-                                for grp in optimizer.param_groups
-                                if "no_decay" not in grp["name"]
-                            },
-                            "examples_per_s": round(rate, 2),
-                            "elapsed_s": round(elapsed, 2),
-                        }
-                    )
-                    bar.update(task, advance=1, info=f"epoch {epoch} loss {window['loss']:.3f} {rate:.1f} ex/s")
-                    window = defaultdict(float)
-                train_time += time.perf_counter() - epoch_start
-
-                # --- validation (every process computes it; rank 0's value decides, so no process diverges)
-                pred = predict_logits(unwrapped, encoded["validation"], cfg.batch_size * 2, pad_id, accelerator.device)
-                val = [spearman(pred[:, 0], targets["validation"][:, 0])]
-                broadcast_object_list(val, from_process=0)
-                improved = val[0] > best["spearman"]
-                if improved:
-                    best.update(spearman=val[0], epoch=epoch)
-                    best["state"] = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
-                    bad_epochs = 0
-                else:
-                    bad_epochs += 1
-                row = {
-                    "event": "validation",
-                    "epoch": epoch,
-                    "step": step,
-                    "validation_spearman": round(val[0], 6),
-                    "validation_rmse_std_units": round(float(np.sqrt(np.mean((pred - targets["validation"]) ** 2))), 6),
-                    "best": improved,
-                    "elapsed_s": round(train_time, 2),
-                }
-                history.append(row)
-                steplog.write(row)
-                log.info("epoch %d: validation Spearman %.4f%s", epoch, val[0], " (best)" if improved else "")
-                if bad_epochs >= cfg.early_stopping_patience:
-                    log.info("early stop: no better validation Spearman for %d epoch(s)", bad_epochs)
-                    break
-    finally:
-        steplog.close()
-
-    unwrapped.load_state_dict(best["state"])
-    accelerator.wait_for_everyone()
-    meta = ModelMetadata(
-        dimensions=rubric.names,
-        weights=dict(rubric.weights),
-        scale=rubric.scale.model_dump(),
-        mean=[float(x) for x in mean],
-        std=[float(x) for x in std],
-        max_length=cfg.max_length,
-        backbone=cfg.backbone,
-        rubric_version=rubric.version,
+    fitted = fit(params, records, splits, progress, log_path=Path(paths.logs_dir) / LOG_FILE)
+    meta = replace(
+        fitted.metadata,
         training_data_sha256=training_data_sha256(paths.judgments, paths.validated),
         split_sha256=stable_hash(split_doc, length=64),
-        extra={
-            "seed": cfg.seed,
-            "best_epoch": best["epoch"],
-            "best_validation_spearman": round(best["spearman"], 6),
-            "train_config": cfg.model_dump(mode="json"),
-            "n_train": len(train_recs),
-        },
     )
-    total_seconds = time.perf_counter() - started
+    test = set(splits["test"])
     metrics = {
-        "epochs_run": epochs_run,
-        "best_epoch": best["epoch"],
-        "best_validation_spearman": round(best["spearman"], 4),
-        "optimizer_steps": step,
-        "train_seconds": round(train_time, 1),
-        "total_seconds": round(total_seconds, 1),
-        "examples_per_s": round(examples * world / max(train_time, 1e-9), 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "processes": world,
-        "n_train": len(train_recs),
-        "n_validation": len(subset["validation"]),
-        "n_test": len(subset["test"]),
-        "n_groups_train": len(splits["train"]),
-        "n_groups_validation": len(splits["validation"]),
-        "n_groups_test": len(splits["test"]),
-        "trainable_parameters": n_trainable,
+        **fitted.metrics,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "n_test": sum(r["group_id"] in test for r in records),
+        "n_groups_test": len(test),
     }
     if main:
-        save_model_folder(unwrapped, tokenizer, meta, Path(paths.model_dir))
-        write_json(paths.train_metrics, metrics)
+        save_model_folder(fitted.model, fitted.tokenizer, meta, Path(paths.model_dir))
+        write_json(paths.train_metrics, dict(sorted(metrics.items())))
         log.info(
             "saved %s (best epoch %d, validation Spearman %.4f) in %.0f s, %.1f examples/s, peak RSS %.0f MB",
             paths.model_dir,
-            best["epoch"],
-            best["spearman"],
-            total_seconds,
+            metrics["best_epoch"],
+            metrics["best_validation_spearman"],
+            metrics["total_seconds"],
             metrics["examples_per_s"],
             metrics["peak_rss_mb"],
         )
-    accelerator.wait_for_everyone()
-    return TrainResult(
-        metrics=metrics, history=history, seen_ids=seen, model_dir=Path(paths.model_dir), model=unwrapped
-    )
+    PartialState().wait_for_everyone()
+    return TrainResult(metrics, fitted.history, fitted.seen_ids, Path(paths.model_dir), fitted.model)
 
 
 def save_model_folder(model: Any, tokenizer: Any, meta: ModelMetadata, folder: Path) -> None:
