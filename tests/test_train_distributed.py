@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fluent_reward.io import read_json
@@ -31,14 +32,16 @@ for key, value in sorted(result.model.state_dict().items()):  # this process's f
     digest.update(value.detach().float().cpu().numpy().tobytes())
 Path(sys.argv[2], f"rank{state.process_index}.json").write_text(json.dumps({
     "world": state.num_processes, "seen": [sorted(ids) for ids in result.seen_ids], "sha256": digest.hexdigest(),
-    "steps": result.metrics["optimizer_steps"],
+    "steps": result.metrics["optimizer_steps"], "cached": result.metrics["frozen_prefix_cached"],
 }))
 """
 
 
-def test_two_processes_see_different_data_and_end_identical(tmp_path):
+@pytest.mark.parametrize("frozen", [False, True], ids=["whole-model", "frozen-prefix-cache"])
+def test_two_processes_see_different_data_and_end_identical(tmp_path, frozen):
     backbone = make_learnable_backbone(tmp_path / "backbone")
-    params = tiny_project(tmp_path / "project", backbone, n_groups=24, epochs=2, batch_size=8)
+    settings = {"freeze_embeddings": True, "freeze_layers": 1} if frozen else {}
+    params = tiny_project(tmp_path / "project", backbone, n_groups=24, epochs=2, batch_size=8, **settings)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
         yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False), encoding="utf-8"
@@ -81,5 +84,6 @@ def test_two_processes_see_different_data_and_end_identical(tmp_path):
     assert len(seen[0]) < len(train_ids) and len(seen[1]) < len(train_ids)
     # identical weights at the end, after the same number of optimizer steps
     assert ranks[0]["steps"] == ranks[1]["steps"] > 0
+    assert [r["cached"] for r in ranks] == [int(frozen)] * 2
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
     assert read_json(params.data.train_metrics)["processes"] == 2

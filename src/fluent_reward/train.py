@@ -704,8 +704,14 @@ def fit(
                 history, best = run_epochs(loop)
         finally:
             inputs.close()
-    metrics = fit_metrics(loop, best, history, time.perf_counter() - started)
-    meta = ModelMetadata(
+        metrics = fit_metrics(loop, best, history, time.perf_counter() - started)
+    model = accelerator.unwrap_model(loop.module).model
+    return FittedModel(model, tokenizer, fit_metadata(cfg, rubric, data, best), metrics, history, loop.seen)
+
+
+def fit_metadata(cfg: TrainConfig, rubric: Rubric, data: TrainData, best: dict[str, Any]) -> ModelMetadata:
+    """The model folder's metadata; the data and split hashes are the caller's to add (``dataclasses.replace``)."""
+    return ModelMetadata(
         dimensions=rubric.names,
         weights=dict(rubric.weights),
         scale=rubric.scale.model_dump(),
@@ -722,12 +728,12 @@ def fit(
             "n_train": len(data.records["train"]),
         },
     )
-    model = accelerator.unwrap_model(loop.module).model
-    return FittedModel(model, tokenizer, meta, metrics, history, loop.seen)
 
 
 def fit_metrics(loop: Loop, best: dict[str, Any], history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """What ``data.train_metrics`` reports about a fit (sizes, speed, where the compute went)."""
+    import torch
+
     world = loop.accelerator.num_processes
     return {
         "epochs_run": len(history),
@@ -745,7 +751,7 @@ def fit_metrics(loop: Loop, best: dict[str, Any], history: list[dict[str, Any]],
         "frozen_prefix_cached": int(isinstance(loop.inputs, CachedInputs)),
         "frozen_cache_mb": round(loop.inputs.cache.nbytes / 2**20, 1) if isinstance(loop.inputs, CachedInputs) else 0,
         "bf16": int(loop.accelerator.mixed_precision == "bf16"),
-        "threads": _torch_threads(),
+        "threads": torch.get_num_threads(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "processes": world,
         "n_train": len(loop.data.records["train"]),
@@ -754,12 +760,6 @@ def fit_metrics(loop: Loop, best: dict[str, Any], history: list[dict[str, Any]],
         "n_groups_validation": len({r["group_id"] for r in loop.data.records["validation"]}),
         "trainable_parameters": sum(p.numel() for p in loop.module.parameters() if p.requires_grad),
     }
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 # ----------------------------------------------------------------------------------------------------------------
