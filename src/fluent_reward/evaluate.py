@@ -30,7 +30,8 @@ from fluent_reward.config import EvaluateConfig, Params
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open, read_json, stable_hash, write_json
-from fluent_reward.model import OVERALL, encode_batch, load_model_folder
+from fluent_reward.model import OVERALL, encode_batch
+from fluent_reward.model_folder import load_model_folder
 from fluent_reward.train import (
     SPLITS,
     UNKNOWN_LANGUAGE,

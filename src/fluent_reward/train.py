@@ -25,7 +25,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,7 +38,8 @@ from fluent_reward.config import Params, SplitRatios, TrainConfig
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import file_sha256, stable_hash, write_json
-from fluent_reward.model import OVERALL, ModelMetadata, encode_batch, resolve_backbone
+from fluent_reward.model import OVERALL, encode_batch, resolve_backbone
+from fluent_reward.model_folder import ModelMetadata, save_model_folder
 
 if TYPE_CHECKING:
     import torch
@@ -667,21 +667,3 @@ def _train(params: Params, progress: bool) -> TrainResult:
     return TrainResult(
         metrics=metrics, history=history, seen_ids=seen, model_dir=Path(paths.model_dir), model=unwrapped
     )
-
-
-def save_model_folder(model: Any, tokenizer: Any, meta: ModelMetadata, folder: Path) -> None:
-    """Write the folder beside ``folder`` and swap it in, so a crash never leaves half a model behind."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    old = folder.with_name(f".{folder.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    with quiet_transformers():
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    meta.save(tmp)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
