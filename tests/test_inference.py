@@ -55,7 +55,9 @@ def raw_predictions(scorer: RewardModelScorer, context: str, student: str, respo
     (item,) = encode_batch(scorer.tokenizer, [context], [student], [response], scorer.metadata.max_length)
     with torch.no_grad():
         logits = scorer.model(**{k: torch.tensor([v]) for k, v in item.items()}).logits[0]
-    return [float(x) * s + m for x, s, m in zip(logits, scorer.metadata.std, scorer.metadata.mean, strict=True)]
+    low, high = scorer.scale
+    raw = [float(x) * s + m for x, s, m in zip(logits, scorer.metadata.std, scorer.metadata.mean, strict=True)]
+    return [min(max(x, low), high) for x in raw] if scorer.clip else raw
 
 
 def test_scores_are_destandardised_model_outputs(scorer, records):
@@ -188,12 +190,12 @@ def test_missing_and_incompatible_model_folders(tmp_path, model_dir):
     old.mkdir()
     meta = json.loads((model_dir / "fluent_reward.json").read_text())
     (old / "fluent_reward.json").write_text(json.dumps({**meta, "model_format_version": 0}))
-    with pytest.raises(ValueError, match="model_format_version=0 but this version of fluent-reward needs 1"):
+    with pytest.raises(ValueError, match="model_format_version=0 but this version of fluent-reward needs 2"):
         RewardModelScorer(old)
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "fluent_reward.json").write_text(json.dumps({**meta, "surprise": 1}))
-    with pytest.raises(ValueError, match="not a model folder this version of fluent-reward can read"):
+    with pytest.raises(ValueError, match=r"fluent_reward\.json: field 'surprise': Extra inputs are not permitted"):
         RewardModelScorer(odd)
 
 
@@ -236,3 +238,12 @@ def test_compiled_model_gives_the_same_scores(model_dir, records):
     eager = RewardModelScorer(model_dir, device="cpu").score_batch(contexts, responses, students)
     compiled = RewardModelScorer(model_dir, device="cpu", compile=True).score_batch(contexts, responses, students)
     assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+def test_scores_are_clipped_to_the_scale_unless_asked_raw(model_dir, records):
+    contexts, responses, students = columns(records)
+    raw = RewardModelScorer(model_dir, device="cpu", clip=False).predict(contexts, responses, students)
+    clipped = RewardModelScorer(model_dir, device="cpu").predict(contexts, responses, students)
+    assert raw.min() < 1 or raw.max() > 10  # the wide-init tiny model does leave the scale
+    assert clipped.min() >= 1 and clipped.max() <= 10
+    assert clipped == pytest.approx(raw.clip(1, 10), abs=1e-5)

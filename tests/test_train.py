@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from fluent_reward.config import SplitRatios
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import file_sha256, read_json, stable_hash, write_json
-from fluent_reward.model import METADATA_FILE, ModelMetadata, collate, target_matrix
+from fluent_reward.model import collate, target_matrix
+from fluent_reward.model_folder import METADATA_FILE, ModelMetadata
 from fluent_reward.splits import SPLITS, make_splits
 from fluent_reward.train import (
     LOG_FILE,

@@ -167,6 +167,7 @@ def _scorer(params: Params, args: argparse.Namespace) -> Any:
             device=args.device or params.score.device,
             batch_size=args.batch_size or params.score.batch_size,
             fast=_fast_arg(args.fast, params.score.fast),
+            clip=not args.no_clip,
         )
     except (FileNotFoundError, ValueError) as exc:
         raise FluentRewardError(str(exc)) from None
@@ -183,6 +184,7 @@ def _add_scorer_args(p: argparse.ArgumentParser) -> None:
         choices=["on", "off", "int8", "bf16"],
         help="fast CPU path: on (bf16 where the CPU has it, else int8), off, int8 or bf16 (default: score.fast)",
     )
+    p.add_argument("--no-clip", action="store_true", help="raw predictions, not clipped to the judge's scale")
 
 
 def cmd_score(params: Params, args: argparse.Namespace) -> None:

@@ -30,7 +30,8 @@ from fluent_reward.config import EvaluateConfig, Params
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open, read_json, stable_hash, write_json
-from fluent_reward.model import OVERALL, load_model_folder, predict_scores, quiet_transformers, target_matrix
+from fluent_reward.model import OVERALL, predict_scores, quiet_transformers, target_matrix
+from fluent_reward.model_folder import load_model_folder
 from fluent_reward.splits import SPLITS, UNKNOWN_LANGUAGE, split_of, training_data_sha256
 from fluent_reward.stats import spearman
 

