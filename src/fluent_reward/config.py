@@ -38,6 +38,10 @@ class DataPaths(_Section):
     train_metrics: Path
     eval_metrics: Path
     predictions: Path
+    test_predictions: Path = Field(description="the test split's rows of `predictions`; the scatter dvc plots draws")
+    cv_metrics: Path = Field(
+        description="flat metrics of `fluent-reward cv`: means and stds across folds, per fraction"
+    )
     plots_dir: Path
     report: Path
 
