@@ -186,6 +186,7 @@ def test_metrics_file_has_the_stable_flat_keys(evaluated):
         "validation.best_of_n_agreement",
         "validation.best_of_n_gain",
         "validation.baseline.char_tfidf_ridge.best_of_n_gain",
+        *(f"{s}truncated_{k}" for s in ("", "validation.") for k in ("examples", "share", "mean_dropped_tokens")),
         "judge.test_retest.overall_spearman",
     ]
     assert [k for k in required if k not in metrics] == []
@@ -238,3 +239,27 @@ def test_refuses_a_model_trained_on_another_split(evaluated, tmp_path):
     write_json(moved.data.splits, split)
     with pytest.raises(FluentRewardError, match="another split"):
         run_evaluate(moved)
+
+
+def test_truncation_is_counted_in_train_and_evaluate_metrics(evaluated):
+    from transformers import AutoTokenizer
+
+    from fluent_reward.model import format_segments, split_turns
+
+    params, metrics = evaluated
+    split = read_json(params.data.splits)
+    tokenizer = AutoTokenizer.from_pretrained(params.data.model_dir)
+    records = [json.loads(line) for line in Path(params.data.validated).read_text(encoding="utf-8").splitlines()]
+
+    def over(name: str) -> int:  # inputs whose untruncated form exceeds max_length, counted independently
+        rows = [r for r in records if r["group_id"] in split["groups"][name]]
+        pairs = [format_segments(split_turns(r["context"]), r["student_message"], r["tutor_response"]) for r in rows]
+        return sum(len(tokenizer(a, b)["input_ids"]) > params.train.max_length for a, b in pairs)
+
+    assert metrics["truncated_examples"] == over("test") > 0
+    assert metrics["validation.truncated_examples"] == over("validation")
+    assert metrics["truncated_share"] == pytest.approx(over("test") / metrics["n_test"], abs=1e-4)
+    assert metrics["truncated_mean_dropped_tokens"] > 0
+    train = read_json(params.data.train_metrics)
+    assert train["train.truncated_examples"] == over("train")
+    assert train["validation.truncated_examples"] == over("validation")

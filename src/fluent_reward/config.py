@@ -154,6 +154,11 @@ class SplitRatios(_Section):
 class TrainConfig(_Section):
     backbone: str
     max_length: int = Field(ge=32)
+    keep_first_turns: int = Field(
+        ge=0,
+        description="context turns kept from the start when an input exceeds max_length (the problem statement, the "
+        "first attempt); the latest turns fill the rest and the middle is dropped. 0: drop the oldest turns first",
+    )
     loss: Literal["mse", "huber"]
     huber_delta: float = Field(gt=0)
     pairwise_weight: float = Field(ge=0)

@@ -31,7 +31,7 @@ from fluent_reward.config import EvaluateConfig, Params
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open, read_json, stable_hash, write_json
-from fluent_reward.model import OVERALL, encode_batch, load_model_folder
+from fluent_reward.model import OVERALL, encode_with_stats, load_model_folder
 from fluent_reward.train import (
     SPLITS,
     UNKNOWN_LANGUAGE,
@@ -426,6 +426,10 @@ def render_report(metrics: dict[str, Any], dimensions: Sequence[str], plots: Seq
         f"{_fmt(m('validation.pairwise_accuracy'))}, best-of-N {_fmt(m('validation.best_of_n_agreement'))}, "
         f"best-of-N gain {_fmt(m('validation.best_of_n_gain'))}.",
         "",
+        f"Inputs longer than the model's max_length: {m('truncated_examples')} of {m('n_test')} test inputs "
+        f"({_fmt(m('truncated_share'))}) lost context turns, {_fmt(m('truncated_mean_dropped_tokens'))} tokens "
+        "on average.",
+        "",
         "| dimension | Spearman | MAE | " + " | ".join(BASELINE_LABELS[b] for b in BASELINES) + " |",
         "|---|---|---|" + "---|" * len(BASELINES),
     ]
@@ -518,12 +522,13 @@ def run_evaluate(params: Params) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     with quiet_transformers():
-        encoded = encode_batch(
+        encoded, truncation = encode_with_stats(
             tokenizer,
             [r["context"] for r in records],
             [r["student_message"] for r in records],
             [r["tutor_response"] for r in records],
             meta.max_length,
+            meta.keep_first_turns,
         )
     logits = predict_logits(model, encoded, cfg.batch_size, tokenizer.pad_token_id or 0, device)
     pred = np.round(logits * np.asarray(meta.std) + np.asarray(meta.mean), PRED_DECIMALS)
@@ -555,6 +560,7 @@ def run_evaluate(params: Params) -> dict[str, Any]:
             rubric.names,
             cfg,
         )
+        values.update(truncation.summary(idx))
         if name == "test":
             values["n_test"], values["n_groups_test"] = values.pop("n"), values.pop("n_groups")
         metrics.update({prefix + k: v for k, v in values.items()})

@@ -39,7 +39,7 @@ from fluent_reward.config import Params, SplitRatios, TrainConfig
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import file_sha256, stable_hash, write_json
-from fluent_reward.model import OVERALL, ModelMetadata, encode_batch, resolve_backbone
+from fluent_reward.model import OVERALL, ModelMetadata, encode_with_stats, resolve_backbone
 
 if TYPE_CHECKING:
     import torch
@@ -470,17 +470,26 @@ def _train(params: Params, progress: bool) -> TrainResult:
     model, tokenizer, new_params = load_backbone_model(cfg.backbone, labels)
     frozen = freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded, truncation = {}, {}
     with quiet_transformers():  # untruncated lengths are measured on purpose; the tokenizer warns about them
-        encoded = {
-            name: encode_batch(
+        for name in ("train", "validation"):
+            encoded[name], stats = encode_with_stats(
                 tokenizer,
                 [r["context"] for r in subset[name]],
                 [r["student_message"] for r in subset[name]],
                 [r["tutor_response"] for r in subset[name]],
                 cfg.max_length,
+                cfg.keep_first_turns,
             )
-            for name in ("train", "validation")
-        }
+            truncation.update({f"{name}.{k}": v for k, v in stats.summary().items()})  # evalcv: truncation metrics
+    log.info(
+        "inputs over max_length=%d: %d of %d training inputs cut (mean %.0f tokens dropped; keep_first_turns=%d)",
+        cfg.max_length,
+        truncation["train.truncated_examples"],
+        len(subset["train"]),
+        truncation["train.truncated_mean_dropped_tokens"],
+        cfg.keep_first_turns,
+    )
     train_recs, train_enc, train_y = subset["train"], encoded["train"], targets["train"]
     lengths = [len(e["input_ids"]) for e in train_enc]
     group_ids = sorted({r["group_id"] for r in train_recs})
@@ -620,6 +629,7 @@ def _train(params: Params, progress: bool) -> TrainResult:
         mean=[float(x) for x in mean],
         std=[float(x) for x in std],
         max_length=cfg.max_length,
+        keep_first_turns=cfg.keep_first_turns,
         backbone=cfg.backbone,
         rubric_version=rubric.version,
         training_data_sha256=training_data_sha256(paths.judgments, paths.validated),
@@ -650,6 +660,7 @@ def _train(params: Params, progress: bool) -> TrainResult:
         "n_groups_validation": len(splits["validation"]),
         "n_groups_test": len(splits["test"]),
         "trainable_parameters": n_trainable,
+        **truncation,
     }
     if main:
         save_model_folder(unwrapped, tokenizer, meta, Path(paths.model_dir))
