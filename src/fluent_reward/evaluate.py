@@ -31,11 +31,13 @@ from fluent_reward.config import EvaluateConfig, Params
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open, read_json, stable_hash, write_json
-from fluent_reward.model import OVERALL, encode_with_stats, load_model_folder
+from fluent_reward.model import OVERALL, encode_with_stats, load_model_folder, predict_logits, scores_from_logits
+
+# lead: these still live in train.py on this branch; the speed branch moves the split helpers to splits.py and the
+# rest beside the model/data code: point these imports there at the merge (issue 12: evaluate never imports train).
 from fluent_reward.train import (
     SPLITS,
     UNKNOWN_LANGUAGE,
-    predict_logits,
     quiet_transformers,
     split_of,
     target_matrix,
@@ -531,7 +533,7 @@ def run_evaluate(params: Params) -> dict[str, Any]:
             meta.keep_first_turns,
         )
     logits = predict_logits(model, encoded, cfg.batch_size, tokenizer.pad_token_id or 0, device)
-    pred = np.round(logits * np.asarray(meta.std) + np.asarray(meta.mean), PRED_DECIMALS)
+    pred = np.round(scores_from_logits(logits, meta), PRED_DECIMALS)
     judge = np.round(target_matrix(records, rubric.names), PRED_DECIMALS)
     write_predictions(paths.predictions, records, record_split, judge, pred, rubric.names)
     split_idx = {name: [i for i, s in enumerate(record_split) if s == name] for name in SPLITS}

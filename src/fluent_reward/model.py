@@ -19,9 +19,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fluent_reward.errors import FluentRewardError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +183,64 @@ def _longest_suffix_within(lengths: Sequence[int], budget: int) -> int:
             break
         count += 1
     return count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches and prediction
+
+
+def collate(encoded: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest example (dynamic padding)."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in encoded)
+    out: dict[str, torch.Tensor] = {}
+    for key in encoded[0]:
+        pad = pad_token_id if key == "input_ids" else 0
+        out[key] = torch.tensor([e[key] + [pad] * (width - len(e[key])) for e in encoded], dtype=torch.long)
+    return out
+
+
+def predict_logits(
+    model: Any, encoded: Sequence[dict[str, list[int]]], batch_size: int, pad_token_id: int, device: Any = None
+) -> np.ndarray:
+    """Raw logits (standardised units), shape (n, num_labels), in the order of ``encoded``; length-sorted batches."""
+    import torch
+
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    out = np.zeros((len(encoded), model.config.num_labels), dtype=np.float64)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_token_id).items()}
+            out[idx] = model(**batch).logits.float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def predict_scores(
+    model: Any, tokenizer: Any, metadata: ModelMetadata, records: Sequence[dict[str, Any]], batch_size: int = 32
+) -> np.ndarray:
+    """Judge-scale scores, shape (n, 1 + n_dims), overall first, in the order of ``records`` (validated records:
+    ``context``, ``student_message``, ``tutor_response``), with the truncation rule the model was trained with."""
+    # lead: reconcile with speed branch (same signature; keep the speed helper's implementation)
+    encoded, _ = encode_with_stats(
+        tokenizer,
+        [r["context"] for r in records],
+        [r["student_message"] for r in records],
+        [r["tutor_response"] for r in records],
+        metadata.max_length,
+        metadata.keep_first_turns,
+    )
+    return scores_from_logits(predict_logits(model, encoded, batch_size, tokenizer.pad_token_id or 0), metadata)
+
+
+def scores_from_logits(logits: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
+    """Standardised logits -> the judge's scale, with the training split's per-label mean and std."""
+    return logits * np.asarray(metadata.std) + np.asarray(metadata.mean)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ process builds the same epoch plan of whole-group batches and takes every ``worl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,7 +40,14 @@ from fluent_reward.config import Params, SplitRatios, TrainConfig
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import file_sha256, stable_hash, write_json
-from fluent_reward.model import OVERALL, ModelMetadata, encode_with_stats, resolve_backbone
+from fluent_reward.model import (  # lead: collate / predict_logits moved to model.py (as on the speed branch)
+    OVERALL,
+    ModelMetadata,
+    collate,
+    encode_with_stats,
+    predict_logits,
+    resolve_backbone,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -187,18 +195,6 @@ def shard_batches(batches: Sequence[list[int]], rank: int, world_size: int) -> l
     return plan[rank::world_size]
 
 
-def collate(encoded: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest example (dynamic padding)."""
-    import torch
-
-    width = max(len(e["input_ids"]) for e in encoded)
-    out: dict[str, torch.Tensor] = {}
-    for key in encoded[0]:
-        pad = pad_token_id if key == "input_ids" else 0
-        out[key] = torch.tensor([e[key] + [pad] * (width - len(e[key])) for e in encoded], dtype=torch.long)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Losses
 
@@ -322,26 +318,6 @@ def param_groups(model: Any, new_params: Sequence[str], cfg: TrainConfig) -> lis
     ]
 
 
-def predict_logits(
-    model: Any, encoded: Sequence[dict[str, list[int]]], batch_size: int, pad_token_id: int, device: Any = None
-) -> np.ndarray:
-    """Raw logits (standardised units), shape (n, num_labels), in the order of ``encoded``; length-sorted batches."""
-    import torch
-
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    out = np.zeros((len(encoded), model.config.num_labels), dtype=np.float64)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_token_id).items()}
-            out[idx] = model(**batch).logits.float().cpu().numpy()
-    model.train(was_training)
-    return out
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman correlation; NaN (constant input or fewer than 2 points) becomes -1 so it never wins early stopping."""
     from scipy.stats import spearmanr
@@ -435,36 +411,103 @@ def run_train(params: Params, progress: bool = True) -> TrainResult:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _train(params: Params, progress: bool) -> TrainResult:
-    import torch
-    from accelerate.utils import broadcast_object_list, set_seed
-    from transformers import get_linear_schedule_with_warmup
+@dataclass
+class FittedModel:
+    """A trained model in memory: what ``fit`` returns (nothing is written)."""  # lead: reconcile with speed branch
 
+    model: Any  # the best epoch's weights, unwrapped, on this process's device
+    tokenizer: Any
+    metadata: ModelMetadata  # training_data_sha256 / split_sha256 empty: the caller knows its files
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seen_ids: list[set[str]] = field(default_factory=list)
+
+
+def fit(params: Params, records: list[dict], splits: dict[str, list[str]], progress: bool = True) -> FittedModel:
+    """Train on the records of the groups in ``splits["train"]``, early-stopping on ``splits["validation"]``.
+
+    Writes nothing (no split file, no step log, no model folder): for cross-validation and experiments.
+    """  # lead: reconcile with speed branch (a thin extraction from _train; keep the speed helper's fit)
+    import torch
+
+    threads = torch.get_num_threads()
+    if params.train.num_threads > 0:
+        torch.set_num_threads(params.train.num_threads)
+    try:
+        return _fit(params, records, splits, progress, _make_accelerator(params.train), log_path=None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(params: Params, progress: bool) -> TrainResult:
     cfg, paths, rubric = params.train, params.data, params.rubric
     accelerator = _make_accelerator(cfg)
     main = accelerator.is_main_process
-    set_seed(cfg.seed)
     started = time.perf_counter()
-
-    # --- data, split, targets
     records = load_judged_records(paths.validated, paths.judgments, rubric)
     splits = make_splits(group_languages(records), cfg.split, cfg.seed)
     split_doc = split_document(splits, cfg.split, cfg.seed)
     if main:
         write_json(paths.splits, split_doc)
-    where = split_of(split_doc)
-    subset = {name: [r for r in records if where[r["group_id"]] == name] for name in SPLITS}
+    log.info(
+        "split %d groups (train %d / validation %d / test %d) -> %s",
+        sum(len(g) for g in splits.values()),
+        *(len(splits[s]) for s in SPLITS),
+        paths.splits,
+    )
+    fitted = _fit(params, records, splits, progress, accelerator, Path(paths.logs_dir) / LOG_FILE if main else None)
+    meta = dataclasses.replace(
+        fitted.metadata,
+        training_data_sha256=training_data_sha256(paths.judgments, paths.validated),
+        split_sha256=stable_hash(split_doc, length=64),
+    )
+    total_seconds = time.perf_counter() - started
+    test_groups = set(splits["test"])
+    metrics = {
+        **fitted.metrics,
+        "total_seconds": round(total_seconds, 1),
+        "n_test": sum(r["group_id"] in test_groups for r in records),
+        "n_groups_test": len(splits["test"]),
+    }
+    if main:
+        save_model_folder(fitted.model, fitted.tokenizer, meta, Path(paths.model_dir))
+        write_json(paths.train_metrics, metrics)
+        log.info(
+            "saved %s (best epoch %d, validation Spearman %.4f) in %.0f s, %.1f examples/s, peak RSS %.0f MB",
+            paths.model_dir,
+            metrics["best_epoch"],
+            metrics["best_validation_spearman"],
+            total_seconds,
+            metrics["examples_per_s"],
+            metrics["peak_rss_mb"],
+        )
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        metrics=metrics,
+        history=fitted.history,
+        seen_ids=fitted.seen_ids,
+        model_dir=Path(paths.model_dir),
+        model=fitted.model,
+    )
+
+
+def _fit(
+    params: Params, records: list[dict], splits: dict[str, list[str]], progress: bool, accelerator: Any, log_path: Any
+) -> FittedModel:
+    import torch
+    from accelerate.utils import broadcast_object_list, set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    cfg, rubric = params.train, params.rubric
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    where = {gid: name for name in ("train", "validation") for gid in splits[name]}
+    subset = {name: [r for r in records if where.get(r["group_id"]) == name] for name in ("train", "validation")}
     labels = [OVERALL, *rubric.names]
     raw_targets = {name: target_matrix(subset[name], rubric.names) for name in ("train", "validation")}
     mean, std = fit_normalisation(raw_targets["train"])
     targets = {name: (t - mean) / std for name, t in raw_targets.items()}
-    log.info(
-        "split %d groups (train %d / validation %d / test %d) -> %s; training on %d records",
-        len(where),
-        *(len(splits[s]) for s in SPLITS),
-        paths.splits,
-        len(subset["train"]),
-    )
+    log.info("training on %d records, early stopping on %d", len(subset["train"]), len(subset["validation"]))
 
     # --- model and inputs (the test split is never tokenised here)
     model, tokenizer, new_params = load_backbone_model(cfg.backbone, labels)
@@ -520,7 +563,7 @@ def _train(params: Params, progress: bool) -> TrainResult:
         steps_per_epoch,
     )
 
-    steplog = _StepLog(Path(paths.logs_dir) / LOG_FILE if main else None)
+    steplog = _StepLog(log_path)
     history: list[dict[str, Any]] = []
     seen: list[set[str]] = []
     best = {"spearman": -math.inf, "epoch": 0, "state": None}
@@ -632,8 +675,6 @@ def _train(params: Params, progress: bool) -> TrainResult:
         keep_first_turns=cfg.keep_first_turns,
         backbone=cfg.backbone,
         rubric_version=rubric.version,
-        training_data_sha256=training_data_sha256(paths.judgments, paths.validated),
-        split_sha256=stable_hash(split_doc, length=64),
         extra={
             "seed": cfg.seed,
             "best_epoch": best["epoch"],
@@ -642,42 +683,23 @@ def _train(params: Params, progress: bool) -> TrainResult:
             "n_train": len(train_recs),
         },
     )
-    total_seconds = time.perf_counter() - started
     metrics = {
         "epochs_run": epochs_run,
         "best_epoch": best["epoch"],
         "best_validation_spearman": round(best["spearman"], 4),
         "optimizer_steps": step,
         "train_seconds": round(train_time, 1),
-        "total_seconds": round(total_seconds, 1),
         "examples_per_s": round(examples * world / max(train_time, 1e-9), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "processes": world,
         "n_train": len(train_recs),
         "n_validation": len(subset["validation"]),
-        "n_test": len(subset["test"]),
         "n_groups_train": len(splits["train"]),
         "n_groups_validation": len(splits["validation"]),
-        "n_groups_test": len(splits["test"]),
         "trainable_parameters": n_trainable,
         **truncation,
     }
-    if main:
-        save_model_folder(unwrapped, tokenizer, meta, Path(paths.model_dir))
-        write_json(paths.train_metrics, metrics)
-        log.info(
-            "saved %s (best epoch %d, validation Spearman %.4f) in %.0f s, %.1f examples/s, peak RSS %.0f MB",
-            paths.model_dir,
-            best["epoch"],
-            best["spearman"],
-            total_seconds,
-            metrics["examples_per_s"],
-            metrics["peak_rss_mb"],
-        )
-    accelerator.wait_for_everyone()
-    return TrainResult(
-        metrics=metrics, history=history, seen_ids=seen, model_dir=Path(paths.model_dir), model=unwrapped
-    )
+    return FittedModel(unwrapped, tokenizer, meta, metrics, history, seen)
 
 
 def save_model_folder(model: Any, tokenizer: Any, meta: ModelMetadata, folder: Path) -> None:
