@@ -188,6 +188,26 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(ge=1)
 
 
+class CvConfig(_Section):
+    """Grouped K-fold cross-validation and the learning curve (``fluent-reward cv``, cv/dvc.yaml)."""
+
+    folds: int = Field(ge=2, description="K: the groups are dealt into K folds, stratified by language")
+    fractions: list[float] = Field(
+        min_length=1,
+        description="learning curve: each fold trains on these shares of its training groups (nested subsets)",
+    )
+    validation_share: float = Field(
+        gt=0, lt=1, description="share of each training fold's groups held out for early stopping (at least one)"
+    )
+    seed: int = Field(description="seeds the fold assignment, the inner validation split and the subsets")
+
+    @model_validator(mode="after")
+    def _fractions_in_range(self) -> CvConfig:
+        if any(not 0 < f <= 1 for f in self.fractions) or len(set(self.fractions)) != len(self.fractions):
+            raise ValueError(f"cv.fractions must be distinct numbers in (0, 1], got {self.fractions}")
+        return self
+
+
 class ScoreConfig(_Section):
     batch_size: int = Field(ge=1)
     fast: bool
@@ -207,6 +227,7 @@ class Params(_Section):
     judge: JudgeConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    cv: CvConfig
     score: ScoreConfig
     pairs: PairsConfig
 
