@@ -173,6 +173,31 @@ def test_cv_metrics_file_keys_and_values_recompute_from_the_predictions(cross_va
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_interrupted_cv_resumes_from_its_finished_runs(cross_validated, monkeypatch):
+    import fluent_reward.cv as cv
+
+    params, result = cross_validated
+    finished = sorted((Path(params.data.logs_dir) / "cv").glob("fold*.json"))
+    assert [p.name for p in finished] == [f"fold{k}_{p}.json" for k in (1, 2, 3) for p in ("100pct", "50pct")]
+    finished[0].unlink()  # as if killed during that run
+    calls = []
+    real_fit = cv.fit
+    monkeypatch.setattr(cv, "fit", lambda *a, **kw: calls.append(1) or real_fit(*a, **kw))
+    again = run_cv(params, progress=False)
+    assert len(calls) == 1  # only the missing run trained again
+    assert again.metrics["folds"] == result.metrics["folds"] and finished[0].is_file()
+    for fraction in (0.5, 1.0):  # the reused runs' scores are the saved ones, exactly
+        np.testing.assert_array_equal(again.predictions[fraction]["length"], result.predictions[fraction]["length"])
+    other = params.model_copy(update={"train": params.train.model_copy(update={"lr": 1e-3})})
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(cv, "fit", refuse)
+    with pytest.raises(RuntimeError, match="trained again"):  # another training setting: nothing is reused
+        run_cv(other, progress=False)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 

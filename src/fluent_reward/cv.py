@@ -39,17 +39,18 @@ from fluent_reward.evaluate import (
     pairwise_accuracy,
     spearman,
 )
-from fluent_reward.io import stable_hash, write_json
+from fluent_reward.io import atomic_open, file_sha256, read_json, stable_hash, write_json
 from fluent_reward.model import predict_scores
 
 # lead: group_languages / target_matrix / fit live in train.py on this branch (splits.py etc. on the speed branch)
-from fluent_reward.train import fit, group_languages, target_matrix
+from fluent_reward.train import fit, group_languages, target_matrix, training_data_sha256
 
 log = logging.getLogger(__name__)
 
 SYSTEMS = ("model", *BASELINES)
 CURVE_METRICS = ("spearman", "pairwise_accuracy", "best_of_n_gain")
 PLOT_NAME = "learning_curve.png"
+CHECKPOINT_DIR = "cv"  # under data.logs_dir: one file per finished (fold, fraction) run
 METRIC_DECIMALS = 4
 
 
@@ -195,6 +196,36 @@ def fold_scores(
     return out
 
 
+def run_fingerprint(params: Params) -> str:
+    """What one fold's predictions depend on besides the fold and the fraction: the data, the settings that shape
+    training and the folds, and the code. A finished run with the same fingerprint is reused, not retrained."""
+    package = Path(__file__).parent
+    code = [file_sha256(package / name) for name in ("cv.py", "train.py", "model.py", "evaluate.py", "data.py")]
+    return stable_hash(
+        training_data_sha256(params.data.judgments, params.data.validated),
+        code,
+        params.train.model_dump(mode="json"),
+        params.cv.model_dump(mode="json", exclude={"fractions"}),  # adding a fraction keeps the finished ones
+        params.rubric.model_dump(mode="json"),
+        length=64,
+    )
+
+
+def _resumed(path: Path, fingerprint: str, ids: list[str]) -> dict[str, np.ndarray] | None:
+    """A finished run's test scores from an earlier, interrupted ``cv`` (None when absent or made otherwise)."""
+    if not path.is_file():
+        return None
+    saved = read_json(path)
+    if saved.get("fingerprint") != fingerprint or saved.get("ids") != ids:
+        return None
+    log.info("cv: reusing the finished run in %s", path)
+    return {system: np.asarray(values, dtype=float) for system, values in saved["scores"].items()}
+
+
+def _save_checkpoint(path: Path, fingerprint: str, ids: list[str], scores: dict[str, np.ndarray]) -> None:
+    write_json(path, {"fingerprint": fingerprint, "ids": ids, "scores": {s: v.tolist() for s, v in scores.items()}})
+
+
 def run_cv(params: Params, progress: bool = True) -> CvResult:
     """Grouped K-fold cross-validation of the reward model and the baselines, for every fraction of the curve.
 
@@ -205,7 +236,8 @@ def run_cv(params: Params, progress: bool = True) -> CvResult:
         progress: show each training run's progress bar.
 
     Returns:
-        A CvResult; writes ``data.cv_metrics`` and ``data.plots_dir/learning_curve.png``.
+        A CvResult; writes ``data.cv_metrics`` and ``data.plots_dir/learning_curve.png``. Each finished training
+        run's test scores are kept in ``data.logs_dir/cv/``, so an interrupted run resumes where it stopped.
     """
     cfg, paths, dims = params.cv, params.data, params.rubric.names
     records = load_judged_records(paths.validated, paths.judgments, params.rubric)
@@ -217,13 +249,18 @@ def run_cv(params: Params, progress: bool = True) -> CvResult:
     per_fold: dict[float, dict[str, list[dict[str, float]]]] = {f: defaultdict(list) for f in fractions}
     train_groups: dict[float, list[list[str]]] = {f: [] for f in fractions}
     runs, started = cfg.folds * len(fractions), time.perf_counter()
+    fingerprint = run_fingerprint(params)
     log.info("cv: %d groups, %d folds x %d fractions = %d training runs", len(groups), cfg.folds, len(fractions), runs)
     for fold in range(cfg.folds):
         plan = plan_fold(groups, fold_of, fold, cfg)
         test_idx = [i for i, r in enumerate(records) if fold_of[r["group_id"]] == fold]
         test_group_ids = [records[i]["group_id"] for i in test_idx]
         for fraction in fractions:
-            scores = fold_scores(params, records, judge, plan, fraction, progress)
+            checkpoint = Path(paths.logs_dir) / CHECKPOINT_DIR / f"fold{fold + 1}_{fraction_key(fraction)}.json"
+            scores = _resumed(checkpoint, fingerprint, [records[i]["id"] for i in test_idx])
+            if scores is None:
+                scores = fold_scores(params, records, judge, plan, fraction, progress)
+                _save_checkpoint(checkpoint, fingerprint, [records[i]["id"] for i in test_idx], scores)
             for system, values in scores.items():
                 predictions[fraction][system][test_idx] = values
                 per_fold[fraction][system].append(
@@ -330,11 +367,9 @@ def render_learning_curve(path: Path, metrics: dict[str, Any], fractions: Sequen
     axes[0].legend(loc="best")
     fig.suptitle(f"Learning curve: {folds}-fold grouped cross-validation")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_open(path, "wb") as handle:  # a killed run never leaves half a PNG
+        fig.savefig(handle, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)  # atomic: a killed run never leaves half a PNG
     return path
 
 
