@@ -31,7 +31,14 @@ from fluent_reward.config import EvaluateConfig, Params
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open, read_json, stable_hash, write_json
-from fluent_reward.model import OVERALL, encode_with_stats, load_model_folder, predict_logits, scores_from_logits
+from fluent_reward.model import (
+    OVERALL,
+    TruncationStats,
+    encode_with_stats,
+    load_model_folder,
+    predict_logits,
+    scores_from_logits,
+)
 
 # lead: these still live in train.py on this branch; the speed branch moves the split helpers to splits.py and the
 # rest beside the model/data code: point these imports there at the merge (issue 12: evaluate never imports train).
@@ -479,17 +486,10 @@ def _num(x: float) -> str:
     return repr(round(float(x), PRED_DECIMALS))
 
 
-def run_evaluate(params: Params) -> dict[str, Any]:
-    """Evaluate the saved model on the test split (and, separately, validation) against the judge.
-
-    Args:
-        params: reads ``data.*`` paths, ``rubric`` and ``evaluate``.
-
-    Returns:
-        The flat metrics written to ``data.eval_metrics``; also writes ``data.predictions``, the PNGs in
-        ``data.plots_dir`` and ``data.report``.
-    """
-    cfg, paths, rubric = params.evaluate, params.data, params.rubric
+def load_checked(params: Params) -> tuple[Any, Any, Any, list[dict[str, Any]], list[str]]:
+    """(model, tokenizer, metadata, judged records, each record's split), after refusing a model trained on another
+    split (its test groups could have been trained on) or for other rubric weights."""
+    paths, rubric = params.data, params.rubric
     if not Path(paths.splits).is_file():
         raise FluentRewardError(f"{paths.splits}: not found (run `fluent-reward train` first)")
     try:
@@ -517,8 +517,13 @@ def run_evaluate(params: Params) -> dict[str, Any]:
         raise FluentRewardError(
             f"{len(unknown)} group(s) are in no split (first: {unknown[:3]}); rerun `fluent-reward train`"
         )
-    record_split = [where[r["group_id"]] for r in records]
+    return model, tokenizer, meta, records, [where[r["group_id"]] for r in records]
 
+
+def predict_with_truncation(
+    model: Any, tokenizer: Any, meta: Any, records: Sequence[dict[str, Any]], batch_size: int
+) -> tuple[np.ndarray, TruncationStats]:
+    """Judge-scale predictions rounded to ``PRED_DECIMALS`` (as written to the CSV), and how much input was cut."""
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -532,22 +537,21 @@ def run_evaluate(params: Params) -> dict[str, Any]:
             meta.max_length,
             meta.keep_first_turns,
         )
-    logits = predict_logits(model, encoded, cfg.batch_size, tokenizer.pad_token_id or 0, device)
-    pred = np.round(scores_from_logits(logits, meta), PRED_DECIMALS)
-    judge = np.round(target_matrix(records, rubric.names), PRED_DECIMALS)
-    write_predictions(paths.predictions, records, record_split, judge, pred, rubric.names)
-    split_idx = {name: [i for i, s in enumerate(record_split) if s == name] for name in SPLITS}
-    test = split_idx["test"]
-    write_predictions(  # the test rows alone: what `dvc plots show` draws (dvc.yaml)
-        paths.test_predictions,
-        [records[i] for i in test],
-        ["test"] * len(test),
-        judge[test],
-        pred[test],
-        rubric.names,
-    )
-    train_idx = split_idx["train"]
-    baselines = baseline_scores(records, judge, train_idx)
+    logits = predict_logits(model, encoded, batch_size, tokenizer.pad_token_id or 0, device)
+    return np.round(scores_from_logits(logits, meta), PRED_DECIMALS), truncation
+
+
+def all_metrics(
+    params: Params,
+    records: Sequence[dict[str, Any]],
+    split_idx: dict[str, list[int]],
+    judge: np.ndarray,
+    pred: np.ndarray,
+    truncation: TruncationStats,
+) -> dict[str, Any]:
+    """The flat, rounded metrics file: test split at the top level, validation under ``validation.``, the baselines
+    (fit on the train split) beside the model, truncation counts, the judge's test-retest agreement."""
+    baselines = baseline_scores(records, judge, split_idx["train"])
     metrics: dict[str, Any] = {}
     for name, prefix in (("test", ""), ("validation", "validation.")):
         idx = split_idx[name]
@@ -559,35 +563,48 @@ def run_evaluate(params: Params) -> dict[str, Any]:
             [records[i]["group_id"] for i in idx],
             [records[i].get("language") or UNKNOWN_LANGUAGE for i in idx],
             {name: scores[idx] for name, scores in baselines.items()},
-            rubric.names,
-            cfg,
+            params.rubric.names,
+            params.evaluate,
         )
         values.update(truncation.summary(idx))
         if name == "test":
             values["n_test"], values["n_groups_test"] = values.pop("n"), values.pop("n_groups")
         metrics.update({prefix + k: v for k, v in values.items()})
-    metrics["n_train"] = len(train_idx)
-    metrics.update(judge_agreement(paths.judge_metrics))
-    metrics = {k: _clean(v) for k, v in sorted(metrics.items())}
-    write_json(paths.eval_metrics, metrics)
+    metrics["n_train"] = len(split_idx["train"])
+    metrics.update(judge_agreement(params.data.judge_metrics))
+    return {k: _clean(v) for k, v in sorted(metrics.items())}
 
-    plots = render_plots(Path(paths.plots_dir), judge[test], pred[test], metrics, rubric.names) if test else []
+
+def run_evaluate(params: Params) -> dict[str, Any]:
+    """Evaluate the saved model on the test split (and, separately, validation) against the judge.
+
+    Args:
+        params: reads ``data.*`` paths, ``rubric`` and ``evaluate``.
+
+    Returns:
+        The flat metrics written to ``data.eval_metrics``; also writes ``data.predictions``,
+        ``data.test_predictions``, the PNGs in ``data.plots_dir`` and ``data.report``.
+    """
+    paths, dims = params.data, params.rubric.names
+    model, tokenizer, meta, records, record_split = load_checked(params)
+    pred, truncation = predict_with_truncation(model, tokenizer, meta, records, params.evaluate.batch_size)
+    judge = np.round(target_matrix(records, dims), PRED_DECIMALS)
+    split_idx = {name: [i for i, s in enumerate(record_split) if s == name] for name in SPLITS}
+    test = split_idx["test"]
+    write_predictions(paths.predictions, records, record_split, judge, pred, dims)
+    # the test rows alone: what `dvc plots show` draws (dvc.yaml)
+    write_predictions(
+        paths.test_predictions, [records[i] for i in test], ["test"] * len(test), judge[test], pred[test], dims
+    )
+    metrics = all_metrics(params, records, split_idx, judge, pred, truncation)
+    write_json(paths.eval_metrics, metrics)
+    plots = render_plots(Path(paths.plots_dir), judge[test], pred[test], metrics, dims) if test else []
     with atomic_open(paths.report) as handle:
-        handle.write(render_report(metrics, rubric.names, plots, Path(paths.report)))
+        handle.write(render_report(metrics, dims, plots, Path(paths.report)))
+    headline = ("overall.spearman", "pairwise_accuracy", "best_of_n_gain", "baseline.char_tfidf_ridge.spearman")
     log.info(
-        "test: Spearman %s [%s, %s], pairwise accuracy %s, best-of-N %s (TF-IDF %s, length %s) -> %s",
-        *(
-            _fmt(metrics.get(k))
-            for k in (
-                "overall.spearman",
-                "overall.spearman_ci_low",
-                "overall.spearman_ci_high",
-                "pairwise_accuracy",
-                "best_of_n_agreement",
-                "baseline.tfidf_ridge.spearman",
-                "baseline.length.spearman",
-            )
-        ),
+        "test: Spearman %s, pairwise accuracy %s, best-of-N gain %s (char TF-IDF Spearman %s) -> %s",
+        *(_fmt(metrics.get(k)) for k in headline),
         paths.eval_metrics,
     )
     return metrics
