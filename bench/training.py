@@ -123,7 +123,7 @@ def current_steps(params: Any, records: list[dict], splits: dict, steps: int) ->
         set_seed(cfg.seed)
         model, tokenizer, new = T.load_backbone_model(cfg.backbone, [OVERALL, *params.rubric.names])
         frozen = T.freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
-        data = T.build_data(records, splits, params.rubric, tokenizer, cfg.max_length)
+        data = T.build_data(records, splits, params.rubric, tokenizer, cfg)
         started = time.perf_counter()
         module, inputs = T.build_trainable(model, data, cfg, frozen, pad_id(tokenizer))
         once = time.perf_counter() - started
@@ -160,7 +160,7 @@ def naive_steps(params: Any, records: list[dict], splits: dict, plan: list[list[
         set_seed(cfg.seed)
         model, tokenizer, new = T.load_backbone_model(cfg.backbone, [OVERALL, *params.rubric.names])
         T.freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
-        data = T.build_data(records, splits, params.rubric, tokenizer, cfg.max_length)
+        data = T.build_data(records, splits, params.rubric, tokenizer, cfg)
         optimizer = torch.optim.AdamW(T.param_groups(model, new, cfg))
         model.train()
         examples = useful = computed = 0

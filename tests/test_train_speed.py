@@ -44,7 +44,7 @@ def _model(backbone: Path, labels: int = 3):
 @pytest.mark.parametrize("token_types", [True, False])  # multilingual-e5 (XLM-R tokenizer) has no token_type_ids
 def test_prefix_then_tail_gives_the_logits_of_the_whole_model(backbone, start, token_types):
     model, tokenizer = _model(backbone)
-    encoded = encode_records(tokenizer, make_records(3, 3), 64)
+    encoded = encode_records(tokenizer, make_records(3, 3), 64, 1)[0]
     if not token_types:
         encoded = [{k: v for k, v in e.items() if k != "token_type_ids"} for e in encoded]
     assert len({len(e["input_ids"]) for e in encoded}) > 1  # padding is exercised
@@ -53,7 +53,7 @@ def test_prefix_then_tail_gives_the_logits_of_the_whole_model(backbone, start, t
 
 def test_feature_cache_in_memory_and_on_disk_hold_the_same_rows(backbone):
     model, tokenizer = _model(backbone)
-    encoded = encode_records(tokenizer, make_records(2, 4), 64)
+    encoded = encode_records(tokenizer, make_records(2, 4), 64, 1)[0]
     memory = build_cache(model, 1, encoded, 0, 3, torch.float16, max_bytes=1 << 30)
     disk = build_cache(model, 1, encoded, 0, 3, torch.float16, max_bytes=0)
     assert not memory.on_disk and disk.on_disk and disk.path.is_file()

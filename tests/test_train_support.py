@@ -76,6 +76,8 @@ def tiny_project(root: Path, backbone: Path, n_groups: int = 20, per_group: int 
             "train_metrics": root / "metrics/train.json",
             "eval_metrics": root / "metrics/metrics.json",
             "predictions": root / "metrics/predictions.csv",
+            "test_predictions": root / "metrics/predictions_test.csv",
+            "cv_metrics": root / "metrics/cv.json",
             "plots_dir": root / "metrics/plots",
             "report": root / "metrics/report.md",
         }

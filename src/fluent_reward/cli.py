@@ -321,6 +321,39 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 REGISTRARS += [add_train, add_evaluate]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# cv (grouped K-fold cross-validation and the learning curve)
+
+
+def _fractions_arg(text: str | None) -> list[float] | None:
+    """``0.25,0.5,1.0`` -> [0.25, 0.5, 1.0] (validated by the cv settings)."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise FluentRewardError(f"--fractions: '{text}' is not a comma-separated list of numbers") from None
+
+
+def cmd_cv(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.cv import run_cv, summary_line, with_overrides
+
+    params = with_overrides(params, folds=args.folds, fractions=_fractions_arg(args.fractions))
+    result = run_cv(params, progress=not args.no_progress and sys.stderr.isatty())
+    print(f"{summary_line(result.metrics, params.cv.folds)} (all: {params.data.cv_metrics})")
+
+
+def add_cv(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cv", help="grouped K-fold cross-validation + learning curve: model vs baselines, mean and std")
+    p.add_argument("--folds", type=int, help="override cv.folds (K)")
+    p.add_argument("--fractions", help="override cv.fractions, e.g. 0.25,0.5,1.0 (shares of the training groups)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cv)
+
+
+REGISTRARS += [add_cv]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluent-reward", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="settings file (default: params.yaml)")

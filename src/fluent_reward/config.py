@@ -38,6 +38,10 @@ class DataPaths(_Section):
     train_metrics: Path
     eval_metrics: Path
     predictions: Path
+    test_predictions: Path = Field(description="the test split's rows of `predictions`; the scatter dvc plots draws")
+    cv_metrics: Path = Field(
+        description="flat metrics of `fluent-reward cv`: means and stds across folds, per fraction"
+    )
     plots_dir: Path
     report: Path
 
@@ -150,6 +154,11 @@ class SplitRatios(_Section):
 class TrainConfig(_Section):
     backbone: str
     max_length: int = Field(ge=32)
+    keep_first_turns: int = Field(
+        ge=0,
+        description="context turns kept from the start when an input exceeds max_length (the problem statement, the "
+        "first attempt); the latest turns fill the rest and the middle is dropped. 0: drop the oldest turns first",
+    )
     loss: Literal["mse", "huber"]
     huber_delta: float = Field(gt=0)
     pairwise_weight: float = Field(ge=0)
@@ -193,6 +202,26 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(ge=1)
 
 
+class CvConfig(_Section):
+    """Grouped K-fold cross-validation and the learning curve (``fluent-reward cv``, cv/dvc.yaml)."""
+
+    folds: int = Field(ge=2, description="K: the groups are dealt into K folds, stratified by language")
+    fractions: list[float] = Field(
+        min_length=1,
+        description="learning curve: each fold trains on these shares of its training groups (nested subsets)",
+    )
+    validation_share: float = Field(
+        gt=0, lt=1, description="share of each training fold's groups held out for early stopping (at least one)"
+    )
+    seed: int = Field(description="seeds the fold assignment, the inner validation split and the subsets")
+
+    @model_validator(mode="after")
+    def _fractions_in_range(self) -> CvConfig:
+        if any(not 0 < f <= 1 for f in self.fractions) or len(set(self.fractions)) != len(self.fractions):
+            raise ValueError(f"cv.fractions must be distinct numbers in (0, 1], got {self.fractions}")
+        return self
+
+
 class ScoreConfig(_Section):
     batch_size: int = Field(ge=1)
     fast: bool
@@ -212,6 +241,7 @@ class Params(_Section):
     judge: JudgeConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    cv: CvConfig
     score: ScoreConfig
     pairs: PairsConfig
 

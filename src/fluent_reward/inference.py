@@ -488,7 +488,14 @@ class RewardModelScorer:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         contexts, responses, students = prepare_inputs(contexts, responses, student_messages)
-        encoded = encode_batch(self.tokenizer, contexts, students, responses, self.metadata.max_length)
+        encoded = encode_batch(
+            self.tokenizer,
+            contexts,
+            students,
+            responses,
+            self.metadata.max_length,
+            keep_first_turns=self.metadata.keep_first_turns,
+        )
         lengths = [len(e["input_ids"]) for e in encoded]
         out = np.empty((len(encoded), len(self.metadata.labels)), dtype=np.float32)
         with _progress(show_progress, len(encoded)) as advance, torch.inference_mode():

@@ -1,8 +1,9 @@
 """The reward model: its input format, its labels, collation and prediction, and its folder on disk.
 
 Input: the conversation as two segments with explicit markers. Segment A holds the context turns and the
-student's message, segment B the tutor's reply; when the whole does not fit ``max_length`` tokens, the OLDEST
-context turns are dropped first, whole, so the reply and the student's message survive intact.
+student's message, segment B the tutor's reply; when the whole does not fit ``max_length`` tokens, the first
+``keep_first_turns`` context turns and the latest turns are kept, whole, and the middle is dropped (marked), so the
+problem statement, the reply and the student's message survive intact.
 
 The model folder on disk (metadata, save, verified load, model card) is ``fluent_reward.model_folder``.
 
@@ -16,6 +17,7 @@ import contextlib
 import importlib.util
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INPUT_FORMAT_VERSION = 1
+INPUT_FORMAT_VERSION = 2  # 2: keep_first_turns (the first turns survive truncation)
 OVERALL = "overall"
 
 CONTEXT_MARK = "[context]"
@@ -62,47 +64,125 @@ def split_turns(context: str) -> list[str]:
 
 
 def format_segments(
-    turns: list[str], student_message: str, tutor_response: str, omitted: bool = False
+    turns: list[str], student_message: str, tutor_response: str, omitted_at: int | None = None
 ) -> tuple[str, str]:
-    """The two text segments the model reads (pinned by a test: changing them needs a new INPUT_FORMAT_VERSION)."""
-    lines = [OMITTED] if omitted else []
-    lines += turns or ([] if omitted else [NO_CONTEXT])
+    """The two text segments the model reads (pinned by a test: changing them needs a new INPUT_FORMAT_VERSION).
+
+    ``omitted_at``: where turns were cut out, the omitted marker goes before ``turns[omitted_at]`` (0: the oldest
+    turns were dropped; k: the first k turns were kept and the middle dropped); None: nothing omitted.
+    """
+    gap = [] if omitted_at is None else [OMITTED]
+    lines = [*turns[: omitted_at or 0], *gap, *turns[omitted_at or 0 :]] or [NO_CONTEXT]
     segment_a = f"{CONTEXT_MARK} " + "\n".join(lines) + f"\n{STUDENT_MARK} {student_message.strip()}"
     return segment_a, f"{TUTOR_MARK} {tutor_response.strip()}"
 
 
-def encode_batch(
-    tokenizer: Any, contexts: list[str], student_messages: list[str], responses: list[str], max_length: int
-) -> list[dict[str, list[int]]]:
-    """Tokenise examples to at most ``max_length`` tokens each, dropping the oldest context turns first.
+@dataclass
+class TruncationStats:
+    """Per example: input tokens before and after fitting ``max_length`` (equal when nothing was cut)."""
 
-    Returns one dict of ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``) lists per example, unpadded,
-    so callers can sort by length and pad per batch.
+    full_lengths: list[int]
+    kept_lengths: list[int]
+
+    def summary(self, indices: Sequence[int] | None = None) -> dict[str, float | int]:
+        """Flat metrics over ``indices`` (default: all): how many inputs were cut, and by how many tokens."""
+        idx = range(len(self.full_lengths)) if indices is None else indices
+        dropped = [self.full_lengths[i] - self.kept_lengths[i] for i in idx]
+        cut = [d for d in dropped if d > 0]
+        return {
+            "truncated_examples": len(cut),
+            "truncated_share": round(len(cut) / len(dropped), 4) if dropped else 0.0,
+            "truncated_mean_dropped_tokens": round(sum(cut) / len(cut), 1) if cut else 0.0,
+            "truncated_max_dropped_tokens": max(cut, default=0),
+        }
+
+
+def encode_batch(
+    tokenizer: Any,
+    contexts: list[str],
+    student_messages: list[str],
+    responses: list[str],
+    max_length: int,
+    *,
+    keep_first_turns: int,
+) -> list[dict[str, list[int]]]:
+    """Tokenise examples to at most ``max_length`` tokens each (see ``encode_with_stats``)."""
+    return encode_with_stats(tokenizer, contexts, student_messages, responses, max_length, keep_first_turns)[0]
+
+
+def encode_with_stats(
+    tokenizer: Any,
+    contexts: list[str],
+    student_messages: list[str],
+    responses: list[str],
+    max_length: int,
+    keep_first_turns: int,
+) -> tuple[list[dict[str, list[int]]], TruncationStats]:
+    """Tokenise examples to at most ``max_length`` tokens each, and say how much was cut.
+
+    An input that does not fit keeps its first ``keep_first_turns`` context turns (the problem statement, the
+    student's first attempt) and as many of the latest turns as fit, whole, and drops the middle (0: drop the oldest
+    turns first); the student's message and the reply always survive. Time is linear in the input: every turn is
+    tokenised once and the cut is found by prefix sums (see ``_fit``).
+
+    Returns one dict of ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``) lists per example, unpadded
+    (callers sort by length and pad per batch), and the per-example token counts before and after the cut.
     """
     all_turns = [split_turns(c) for c in contexts]
     pairs = [format_segments(t, s, r) for t, s, r in zip(all_turns, student_messages, responses, strict=True)]
     # verbose=False: over-long inputs are expected here (they are cut below), not worth a warning each.
     encoded = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=False, verbose=False)
-    out = []
+    out, full = [], []
     for i in range(len(pairs)):
         item = {key: encoded[key][i] for key in encoded}
-        if len(item["input_ids"]) > max_length:
-            item = _fit(tokenizer, all_turns[i], student_messages[i], responses[i], max_length)
+        full.append(len(item["input_ids"]))
+        if full[-1] > max_length:
+            item = _fit(tokenizer, all_turns[i], student_messages[i], responses[i], max_length, keep_first_turns)
         out.append(item)
-    return out
+    return out, TruncationStats(full, [len(e["input_ids"]) for e in out])
 
 
-def _fit(tokenizer: Any, turns: list[str], student: str, response: str, max_length: int) -> dict[str, list[int]]:
-    """Drop whole turns, oldest first, until the example fits; if even no context is too long, truncate the
-    longer of student message and reply as a last resort (logged), so the position embeddings never overflow."""
-    for start in range(1, len(turns) + 1):
-        a, b = format_segments(turns[start:], student, response, omitted=True)
-        item = dict(tokenizer(a, b, truncation=False, verbose=False))
-        if len(item["input_ids"]) <= max_length:
-            return item
-    a, b = format_segments([], student, response, omitted=bool(turns))
+def _fit(
+    tokenizer: Any, turns: list[str], student: str, response: str, max_length: int, keep_first: int
+) -> dict[str, list[int]]:
+    """The longest input within ``max_length``: the first ``keep_first`` turns (when they fit), then the latest
+    turns that still fit, the gap marked; if no turn fits, the longer of student message and reply is truncated as
+    a last resort (logged), so the position embeddings never overflow.
+
+    Each turn is tokenised once (only the turns that could fit: every turn costs at least one token), the cut is
+    chosen by prefix sums of the turn lengths, and the chosen text is tokenised once to check it (a tokenizer whose
+    pieces do not add up exactly costs one more turn per miss, not a re-tokenisation of the whole context).
+    """
+    base = len(tokenizer(*format_segments([], student, response, omitted_at=0), verbose=False)["input_ids"])
+    budget = max_length - base
+    if budget > 0 and turns:
+        head = turns[: min(keep_first, len(turns))]
+        rest = turns[len(head) :][-budget:]  # more than `budget` latest turns can never fit
+        lengths = [len(ids) for ids in tokenizer(head + rest, add_special_tokens=False, verbose=False)["input_ids"]]
+        head_cost = sum(lengths[: len(head)])
+        if head_cost > budget:  # the first turns alone do not fit: keep the latest turns only
+            head, head_cost = [], 0
+        n_tail = _longest_suffix_within(lengths[len(lengths) - len(rest) :], budget - head_cost)
+        while n_tail or head:
+            kept = head + (rest[len(rest) - n_tail :] if n_tail else [])
+            item = dict(tokenizer(*format_segments(kept, student, response, omitted_at=len(head)), verbose=False))
+            if len(item["input_ids"]) <= max_length:
+                return item
+            n_tail, head = (n_tail - 1, head) if n_tail else (0, head[:-1])
+    a, b = format_segments([], student, response, omitted_at=0 if turns else None)
     log.debug("student message + reply exceed max_length=%d tokens; truncating the longer one", max_length)
     return dict(tokenizer(a, b, truncation="longest_first", max_length=max_length))
+
+
+def _longest_suffix_within(lengths: Sequence[int], budget: int) -> int:
+    """How many of the last items of ``lengths`` fit in ``budget`` together (a prefix sum from the end)."""
+    total, count = 0, 0
+    for length in reversed(lengths):
+        total += length
+        if total > budget:
+            break
+        count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,15 +194,18 @@ def target_matrix(records: Sequence[dict[str, Any]], dimensions: Sequence[str]) 
     return np.array([[r["overall"], *(r["scores"][d] for d in dimensions)] for r in records], dtype=np.float64)
 
 
-def encode_records(tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int) -> list[dict[str, list[int]]]:
-    """``encode_batch`` over validated records (``context``, ``student_message``, ``tutor_response``)."""
+def encode_records(
+    tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int, keep_first_turns: int
+) -> tuple[list[dict[str, list[int]]], TruncationStats]:
+    """``encode_with_stats`` over validated records (``context``, ``student_message``, ``tutor_response``)."""
     with quiet_transformers():  # untruncated lengths are measured on purpose; the tokenizer warns about them
-        return encode_batch(
+        return encode_with_stats(
             tokenizer,
             [r["context"] for r in records],
             [r["student_message"] for r in records],
             [r["tutor_response"] for r in records],
             max_length,
+            keep_first_turns,
         )
 
 
@@ -179,12 +262,16 @@ def predict_logits(
 
 
 def predict_scores(
-    model: Any, tokenizer: Any, metadata: ModelMetadata, records: list[dict], batch_size: int = 32
+    model: Any, tokenizer: Any, metadata: ModelMetadata, records: Sequence[dict[str, Any]], batch_size: int = 32
 ) -> np.ndarray:
-    """Judge-scale predictions for validated records, shape (n_records, 1 + n_dimensions), overall first, in input
-    order (length-sorted batches inside). Inputs are encoded at ``metadata.max_length``."""
-    encoded = encode_records(tokenizer, records, metadata.max_length)
-    logits = predict_logits(model, encoded, batch_size, pad_id(tokenizer))
+    """Judge-scale scores, shape (n, 1 + n_dims), overall first, in the order of ``records`` (validated records),
+    with the truncation rule the model was trained with (length-sorted batches inside)."""
+    encoded, _ = encode_records(tokenizer, records, metadata.max_length, metadata.keep_first_turns)
+    return scores_from_logits(predict_logits(model, encoded, batch_size, pad_id(tokenizer)), metadata)
+
+
+def scores_from_logits(logits: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
+    """Standardised logits -> the judge's scale, with the training split's per-label mean and std."""
     return logits * np.asarray(metadata.std) + np.asarray(metadata.mean)
 
 

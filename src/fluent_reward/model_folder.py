@@ -97,6 +97,7 @@ class ModelMetadata(BaseModel):
     mean: list[float]
     std: list[float]
     max_length: int = Field(gt=0)
+    keep_first_turns: int = Field(ge=0)  # the truncation rule the model was trained with (train.keep_first_turns)
     backbone: str
     rubric_version: str
     training_data_sha256: str = ""
@@ -480,8 +481,9 @@ def model_card(meta: ModelMetadata, metrics: dict[str, Any] | None = None, overa
         "- context turns are lines starting `Tutor: ` or `Student: `, oldest first; a line without either prefix "
         "continues the previous turn;",
         f"- an empty context is written `{NO_CONTEXT}`: `{format_segments([], 'hi', 'yes')[0]!r}`;",
-        f"- at most {meta.max_length} tokens: when the pair is longer, the OLDEST context turns are dropped first, "
-        f"whole, and `{OMITTED}` takes their place; if even the student's message and the reply alone are too long, "
+        f"- at most {meta.max_length} tokens: when the pair is longer, the first {meta.keep_first_turns} context "
+        "turn(s) are kept (when they fit) with as many of the LATEST turns as fit, whole; the turns in between are "
+        f"dropped and `{OMITTED}` takes their place; if even the student's message and the reply alone are too long, "
         'the longer of the two is truncated (`truncation="longest_first"`);',
         "- `fluent_reward.model.encode_batch` implements exactly this; `fluent_reward.RewardModelScorer` applies it.",
         "",

@@ -340,13 +340,14 @@ class TrainData:
     std: np.ndarray
     group_members: list[list[int]]  # train example indices per train group
     group_number: np.ndarray  # per train example: its group's number (for the pairwise loss)
+    truncation: dict[str, Any]  # per split: how many inputs were cut to max_length, and by how much
 
     def lengths(self, split: str) -> list[int]:
         return [len(e["input_ids"]) for e in self.encoded[split]]
 
 
 def build_data(
-    records: Sequence[dict[str, Any]], splits: dict[str, list[str]], rubric: Rubric, tokenizer: Any, max_length: int
+    records: Sequence[dict[str, Any]], splits: dict[str, list[str]], rubric: Rubric, tokenizer: Any, cfg: TrainConfig
 ) -> TrainData:
     """Select the train and validation records (by group), standardise their targets with the train split's
     statistics, tokenise them, and index the train groups."""
@@ -362,9 +363,22 @@ def build_data(
     members: list[list[int]] = [[] for _ in group_ids]
     for i, r in enumerate(chosen["train"]):
         members[number[r["group_id"]]].append(i)
+    encoded, truncation = {}, {}
+    for name, rows in chosen.items():
+        encoded[name], stats = encode_records(tokenizer, rows, cfg.max_length, cfg.keep_first_turns)
+        truncation.update({f"{name}.{k}": v for k, v in stats.summary().items()})
+    log.info(
+        "inputs over max_length=%d: %d of %d training inputs cut (mean %.0f tokens dropped; keep_first_turns=%d)",
+        cfg.max_length,
+        truncation["train.truncated_examples"],
+        len(chosen["train"]),
+        truncation["train.truncated_mean_dropped_tokens"],
+        cfg.keep_first_turns,
+    )
     return TrainData(
         records=chosen,
-        encoded={name: encode_records(tokenizer, rows, max_length) for name, rows in chosen.items()},
+        encoded=encoded,
+        truncation=truncation,
         targets={name: (t - mean) / std for name, t in raw.items()},
         mean=mean,
         std=std,
@@ -690,7 +704,7 @@ def fit(
         model, tokenizer, new_params = load_backbone_model(cfg.backbone, [OVERALL, *rubric.names])
         frozen = freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
         model.to(accelerator.device)
-        data = build_data(records, splits, rubric, tokenizer, cfg.max_length)
+        data = build_data(records, splits, rubric, tokenizer, cfg)
         module, inputs = build_trainable(model, data, cfg, frozen, pad_id(tokenizer))
         try:
             loop = start_loop(accelerator, cfg, data, module, inputs, new_params)
@@ -717,6 +731,7 @@ def fit_metadata(cfg: TrainConfig, rubric: Rubric, data: TrainData, best: dict[s
         mean=[float(x) for x in data.mean],
         std=[float(x) for x in data.std],
         max_length=cfg.max_length,
+        keep_first_turns=cfg.keep_first_turns,
         backbone=cfg.backbone,
         rubric_version=rubric.version,
         extra={
@@ -758,6 +773,7 @@ def fit_metrics(loop: Loop, best: dict[str, Any], history: list[dict[str, Any]],
         "n_groups_train": len(loop.data.group_members),
         "n_groups_validation": len({r["group_id"] for r in loop.data.records["validation"]}),
         "trainable_parameters": sum(p.numel() for p in loop.module.parameters() if p.requires_grad),
+        **loop.data.truncation,
     }
 
 
