@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from fluent_reward.config import load_params
+from fluent_reward.io import file_sha256, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
@@ -99,3 +102,72 @@ def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_p
     _dvc(project, "pull", "-q")
     for path, content in shared.items():
         assert (project / path).read_bytes() == content, f"{path} differs after pull"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `dvc exp run -S` on a real, tiny copy of the project
+
+
+def _git(cwd: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env["GIT_COMMITTER_EMAIL"] = "t@t"
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+def _tiny_repo(root: Path) -> Path:
+    """A git + DVC copy of the project whose sample is 16 tiny groups and whose backbone is a tiny BERT."""
+    from tests.helpers import make_records, make_tiny_backbone
+    from tests.test_train_support import make_judgments
+
+    project = root / "project"
+    project.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "rubric.yaml", ".gitignore"):
+        if (ROOT / name).is_file():
+            shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    records = make_records(n_groups=16, per_group=4)
+    conversations = [{"conversation_id": r["group_id"], **r} for r in records]
+    for record in conversations:
+        del record["group_id"]
+    sample = project / "data" / "sample"
+    write_json(sample / "conversations.json", conversations)
+    write_json(sample / "reference_judgments.json", make_judgments(records, load_params(ROOT / "params.yaml")))
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params["train"].update(
+        backbone=str(make_tiny_backbone(root / "backbone")), max_length=64, epochs=1, batch_size=16, num_threads=1
+    )
+    params["evaluate"].update(bootstrap_samples=100)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    _git(project, "init", "-q")
+    _dvc(project, "init", "-q")
+    _dvc(project, "config", "core.analytics", "false")
+    return project
+
+
+def test_dvc_exp_run_set_param_reruns_only_evaluate(tmp_path, monkeypatch):
+    """`dvc exp run -S evaluate.min_gap=1.0`, as the README shows: only evaluate reruns, only its metrics change.
+
+    The whole tiny pipeline runs for real (validate, judge from reference judgments, train, evaluate): ~25 s.
+    """
+    project = _tiny_repo(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(project / "src"))
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    _dvc(project, "repro", "-q")
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "tiny pipeline")
+    params = load_params(project / "params.yaml")
+    untouched = [params.data.validation_metrics, params.data.judge_metrics, params.data.train_metrics]
+    untouched += [params.data.model_dir / "model.safetensors", params.data.splits, params.data.judgments]
+    before = {path: file_sha256(project / path) for path in untouched}
+    metrics_before = json.loads((project / params.data.eval_metrics).read_text())
+
+    out = _dvc(project, "exp", "run", "-S", "evaluate.min_gap=1.0")
+
+    assert "Running stage 'evaluate'" in out
+    for stage in ("validate", "judge", "train"):
+        assert f"Running stage '{stage}'" not in out
+    assert load_params(project / "params.yaml").evaluate.min_gap == 1.0  # and the settings still load
+    assert {path: file_sha256(project / path) for path in untouched} == before
+    metrics = json.loads((project / params.data.eval_metrics).read_text())
+    changed = {key for key in metrics if metrics[key] != metrics_before.get(key)}
+    assert changed and all("pairwise" in key for key in changed), changed

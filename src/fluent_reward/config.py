@@ -2,16 +2,19 @@
 
 Every default lives in ``params.yaml``; the models below declare types and bounds only, so code and params can
 never disagree about a default. A missing or mistyped key is a clear error naming the key.
+
+The file is read as YAML 1.2, the way DVC reads and rewrites it (``dvc exp run -S``, ``dvc params diff``): under
+YAML 1.1 (PyYAML) DVC's unquoted ``no`` would turn into the boolean False and ``1e-4`` into a string, so a value
+would change meaning on its way through DVC. Floats must be finite everywhere (``.nan``/``.inf`` are refused).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fluent_reward.errors import FluentRewardError
 
@@ -19,7 +22,8 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite weight, learning rate or gap is refused at load, naming the key.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataPaths(_Section):
@@ -170,6 +174,12 @@ class TrainConfig(_Section):
     freeze_embeddings: bool
     freeze_layers: int = Field(ge=0)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _false_means_no(cls, value: object) -> object:
+        # accelerate's "no" is YAML 1.1's boolean False: a file written or read by a YAML 1.1 tool says False.
+        return "no" if value is False else value
+
 
 class EvaluateConfig(_Section):
     min_gap: float = Field(ge=0)
@@ -207,10 +217,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     if not path.is_file():
         raise FluentRewardError(f"{path}: params file not found (pass --params PATH)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise FluentRewardError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path)
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -219,3 +226,22 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
             for err in exc.errors()
         )
         raise FluentRewardError(f"{path}: invalid settings: {problems}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file as DVC reads it (YAML 1.2, ruamel); bad bytes or syntax are a FluentRewardError naming the spot."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise FluentRewardError(
+            f"{path}: not UTF-8: byte 0x{data[exc.start]:02x} at line {line} (save the file as UTF-8)"
+        ) from None
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:
+        raise FluentRewardError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
