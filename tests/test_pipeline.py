@@ -171,3 +171,9 @@ def test_dvc_exp_run_set_param_reruns_only_evaluate(tmp_path, monkeypatch):
     metrics = json.loads((project / params.data.eval_metrics).read_text())
     changed = {key for key in metrics if metrics[key] != metrics_before.get(key)}
     assert changed and all("pairwise" in key for key in changed), changed
+
+    # an edit to data.py (train and evaluate read judgments through it) makes DVC rerun them
+    with open(project / "src" / "fluent_reward" / "data.py", "a", encoding="utf-8") as handle:
+        handle.write("\n# an edit\n")
+    stale = json.loads(_dvc(project, "status", "--json"))
+    assert {"validate", "train", "evaluate"} <= set(stale), stale
