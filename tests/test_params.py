@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fluent_reward.config import load_params
+from fluent_reward.errors import FluentRewardError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +69,96 @@ def test_mixed_precision_no_in_any_yaml_spelling(tmp_path, spelling):
     path.write_text(text.replace('mixed_precision: "no"', f"mixed_precision: {spelling}"), encoding="utf-8")
     assert f"mixed_precision: {spelling}" in path.read_text(encoding="utf-8")
     assert load_params(path).train.mixed_precision == "no"
+
+
+# --- the rubric in its own file -------------------------------------------------------------------------------
+
+
+def _flatten(node, prefix=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+def test_params_yaml_rows_stay_short_for_dvc_exp_show():
+    """The rubric's prose lives in rubric.yaml: every params.yaml value fits a `dvc exp show` column."""
+    import yaml
+
+    rows = dict(_flatten(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))))
+    assert rows["rubric"] == "rubric.yaml"
+    assert max(len(str(value)) for value in rows.values()) < 80
+
+
+def test_rubric_file_is_loaded_and_its_problems_name_it(tmp_path):
+    path = copy_params(tmp_path)
+    assert load_params(path).rubric.names[0] == "accuracy"
+    dvc_set(tmp_path / "rubric.yaml", "weights.accuracy=-1")
+    with pytest.raises(FluentRewardError, match=r"rubric\.yaml: invalid settings: weights must be non-negative"):
+        load_params(path)
+    (tmp_path / "rubric.yaml").unlink()
+    with pytest.raises(FluentRewardError, match=r"params\.yaml: rubric: file .*rubric\.yaml not found"):
+        load_params(path)
+
+
+def test_a_rubric_inline_in_params_yaml_also_loads(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["rubric"] = yaml.safe_load((ROOT / "rubric.yaml").read_text(encoding="utf-8"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    assert load_params(tmp_path / "params.yaml").rubric == load_params(ROOT / "params.yaml").rubric
+
+
+# --- settings document themselves ------------------------------------------------------------------------------
+
+
+def _models(model, seen=None):
+    from pydantic import BaseModel
+
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return seen
+    seen.add(model)
+    for field in model.model_fields.values():
+        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                _models(candidate, seen)
+    return seen
+
+
+def test_every_setting_has_a_description():
+    from fluent_reward.config import Params
+
+    undocumented = [
+        f"{model.__name__}.{name}"
+        for model in _models(Params)
+        for name, field in model.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert undocumented == []
+
+
+def test_settings_tables_in_the_docs_are_generated_from_config():
+    from fluent_reward.settings_doc import stale_docs
+
+    training = (ROOT / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    assert "<!-- settings:train -->\n| key | type | meaning |" in training
+    assert "| `lr` | number > 0 | AdamW learning rate of the encoder |" in training
+    assert stale_docs(sorted((ROOT / "docs").glob("*.md"))) == [], "run `fluent-reward params --write-docs`"
+
+
+def test_params_command_checks_and_rewrites_a_stale_table(tmp_path, capsys):
+    from fluent_reward.cli import main
+
+    doc = tmp_path / "TRAINING.md"
+    text = (ROOT / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    doc.write_text(text.replace("AdamW learning rate of the encoder", "hand-edited"), encoding="utf-8")
+    params = str(ROOT / "params.yaml")
+    assert main(["--params", params, "params", "--check", "--docs", str(doc)]) == 2
+    assert "settings tables out of date in" in capsys.readouterr().err
+    assert main(["--params", params, "params", "--write-docs", "--docs", str(doc)]) == 0
+    assert doc.read_text(encoding="utf-8") == text
+    assert main(["--params", params, "params", "--markdown", "evaluate"]) == 0
+    assert "| `min_gap` | number ≥ 0 |" in capsys.readouterr().out

@@ -23,14 +23,24 @@ def stages() -> dict:
 
 
 def test_every_stage_calls_the_console_script_and_reads_params_it_lists():
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    files = {"params.yaml": yaml.safe_load((ROOT / "params.yaml").read_text())}
     for name, stage in stages().items():
         assert stage["cmd"] == f"fluent-reward {name}"
-        for key in stage.get("params", []):
-            section, *rest = key.split(".")
-            node = params[section]
-            for part in rest:
-                node = node[part]  # KeyError: dvc.yaml lists a param that params.yaml lacks
+        for entry in stage.get("params", []):
+            for file, keys in entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]:
+                document = files.setdefault(file, yaml.safe_load((ROOT / file).read_text()))
+                for key in keys:
+                    node = document
+                    for part in key.split("."):
+                        node = node[part]  # KeyError: dvc.yaml lists a param that the file lacks
+
+
+def test_the_rubric_file_dvc_tracks_is_the_one_params_yaml_names():
+    named = yaml.safe_load((ROOT / "params.yaml").read_text())["rubric"]
+    tracked = {
+        file for stage in stages().values() for e in stage.get("params", []) if isinstance(e, dict) for file in e
+    }
+    assert tracked == {named}
 
 
 def test_every_data_path_in_dvc_yaml_is_templated_from_params():
@@ -56,7 +66,7 @@ def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_p
     """Push the shared outputs to a directory remote, delete them and the cache, pull: byte-identical."""
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", "rubric.yaml"):
         shutil.copy(ROOT / name, project / name)
     shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "sample", project / "data" / "sample")
@@ -171,6 +181,8 @@ def test_dvc_exp_run_set_param_reruns_only_evaluate(tmp_path, monkeypatch):
     metrics = json.loads((project / params.data.eval_metrics).read_text())
     changed = {key for key in metrics if metrics[key] != metrics_before.get(key)}
     assert changed and all("pairwise" in key for key in changed), changed
+    diff = _dvc(project, "params", "diff")  # the rubric's prose is in rubric.yaml: rows stay readable
+    assert "evaluate.min_gap" in diff and max(len(line) for line in diff.splitlines()) < 120, diff
 
     # an edit to data.py (train and evaluate read judgments through it) makes DVC rerun them
     with open(project / "src" / "fluent_reward" / "data.py", "a", encoding="utf-8") as handle:

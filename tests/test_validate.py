@@ -25,6 +25,7 @@ def project(tmp_path, monkeypatch):
     """A temporary project: params.yaml from the repo with the stage paths redirected into tmp_path."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"] = {key: str(tmp_path / Path(value)) for key, value in params["data"].items()}
+    params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text())  # the rubric file, inlined
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -82,7 +82,39 @@ def add_outputs(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Subcommands of later stages register here, each in its own block: add_<name>(sub) + cmd_<name>(params, args).
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_validate, add_outputs]
+# ----------------------------------------------------------------------------------------------------------------
+# params: the settings' documentation, generated from config.py
+
+DOCS = Path("docs")
+
+
+def cmd_params(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.settings_doc import section_model, section_names, settings_table, stale_docs
+
+    docs = sorted(args.docs.glob("*.md")) if args.docs.is_dir() else [args.docs]
+    if args.write_docs:
+        for path in stale_docs(docs, write=True):
+            log.info("wrote %s", path)
+    elif args.check:
+        stale = stale_docs(docs)
+        if stale:
+            names = ", ".join(str(p) for p in stale)
+            raise FluentRewardError(f"settings tables out of date in {names}: run `fluent-reward params --write-docs`")
+    else:
+        for section in args.markdown or section_names():
+            print(f"## `{section}`\n\n{settings_table(section_model(section))}")
+
+
+def add_params(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="every setting's type and meaning (Markdown); refresh the tables in docs/")
+    p.add_argument("--markdown", nargs="+", metavar="SECTION", help="print these sections only (default: all)")
+    p.add_argument("--write-docs", action="store_true", help="regenerate the settings tables between their markers")
+    p.add_argument("--check", action="store_true", help="exit 2 if a settings table in the docs is out of date")
+    p.add_argument("--docs", type=Path, default=DOCS, help="a Markdown file or a folder of them (default: docs)")
+    p.set_defaults(func=cmd_params)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_validate, add_outputs, add_params]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,7 +156,7 @@ def cmd_rubric(params: Params, args: argparse.Namespace) -> None:
 
 def add_rubric(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rubric", help="the rubric's prompt version; regenerate docs/JUDGING_CRITERIA.md")
-    p.add_argument("--write-docs", action="store_true", help="(re)write the criteria document from params.yaml")
+    p.add_argument("--write-docs", action="store_true", help="(re)write the criteria document from the rubric")
     p.add_argument("--check", action="store_true", help="exit 2 if the criteria document is out of date")
     p.add_argument("--show-prompt", action="store_true", help="print the judge's system prompt and user template")
     p.add_argument("--docs", type=Path, default=Path("docs/JUDGING_CRITERIA.md"), help="criteria document path")

@@ -1,4 +1,4 @@
-"""The judge prompt and ``docs/JUDGING_CRITERIA.md``, both rendered from ``params.yaml: rubric``.
+"""The judge prompt and ``docs/JUDGING_CRITERIA.md``, both rendered from the rubric (``rubric.yaml``).
 
 The rubric text (names, descriptions, anchors, scale) is the one source of truth: the system prompt, the forced-tool
 schema and the criteria document are pure functions of it. ``prompt_version`` hashes exactly what is sent to the
@@ -165,7 +165,7 @@ def render_criteria_doc(rubric: Rubric) -> str:
     lines = [
         "# Judging criteria",
         "",
-        "<!-- Generated from params.yaml (rubric) by `fluent-reward rubric --write-docs`; do not edit by hand. -->",
+        "<!-- Generated from rubric.yaml by `fluent-reward rubric --write-docs`; do not edit by hand. -->",
         "",
         f"Rubric version **{rubric.version}**, judge prompt version **{prompt_version(rubric)}**. Every tutor reply "
         f"is scored on {len(rubric.names)} dimensions, each an integer from {lo} (worst) to {hi} (best). The judge "
@@ -197,7 +197,8 @@ def render_criteria_doc(rubric: Rubric) -> str:
         "",
         "## Changing the rubric",
         "",
-        "Everything above lives in `params.yaml` under `rubric:`; this file and the judge prompt are rendered from it.",
+        "Everything above lives in `rubric.yaml` (the file named by `rubric:` in `params.yaml`); this file and the "
+        "judge prompt are rendered from it.",
         "",
         "- **Weights** (`rubric.weights`): not part of the judge prompt, so changing one never re-judges; only the "
         "stages that combine scores (training targets, evaluation) rerun.",
