@@ -162,3 +162,105 @@ def test_params_command_checks_and_rewrites_a_stale_table(tmp_path, capsys):
     assert doc.read_text(encoding="utf-8") == text
     assert main(["--params", params, "params", "--markdown", "evaluate"]) == 0
     assert "| `min_gap` | number ≥ 0 |" in capsys.readouterr().out
+
+
+# --- bad values are refused at load, naming the key -----------------------------------------------------------
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "message"),
+    [
+        ("rubric.yaml", "accuracy: 0.25", "accuracy: .nan", r"rubric\.yaml: invalid settings: weights\.accuracy: "),
+        ("rubric.yaml", "feedback: 0.20", "feedback: .inf", r"rubric\.yaml: invalid settings: weights\.feedback: "),
+        (
+            "params.yaml",
+            "lr: 2.0e-4",
+            "lr: .inf",
+            r"params\.yaml: invalid settings: train\.lr: Input should be a finite",
+        ),
+        ("params.yaml", "head_lr: 1.0e-3", "head_lr: .nan", r"train\.head_lr: Input should be a finite number"),
+        ("params.yaml", "min_gap: 0.5", "min_gap: .nan", r"evaluate\.min_gap: Input should be a finite number"),
+        ("params.yaml", "min_gap: 0.5", "min_gap: -1", r"evaluate\.min_gap: Input should be greater than or equal"),
+        ("params.yaml", "min_gap: 1.0", "min_gap: .inf", r"pairs\.min_gap: Input should be a finite number"),
+        ("params.yaml", "batch_size: 16", "batch_size: 0", r"train\.batch_size: Input should be greater than or equal"),
+        ("params.yaml", "batch_size: 32\n  fast", "batch_size: 0\n  fast", r"score\.batch_size: Input should be"),
+        ("params.yaml", "max_budget_usd: null", "max_budget_usd: .nan", r"judge\.max_budget_usd: Input should be"),
+        (
+            "rubric.yaml",
+            "'Curt, dismissive, sarcastic or discouraging.'",
+            "''",
+            r"rubric\.yaml: invalid settings: dimensions\.encouragement\.anchors: anchor '1' is blank",
+        ),
+        (
+            "rubric.yaml",
+            """'Everything stated is correct and natural; examples and corrections are exactly right.'""",
+            "'   '",
+            r"dimensions\.accuracy\.anchors: anchor '10' is blank",
+        ),
+        (
+            "rubric.yaml",
+            "\"7\": 'Friendly and supportive.'",
+            '"11": x',
+            r"anchors: '11' is not an integer score on the",
+        ),
+        ("rubric.yaml", "\"7\": 'Friendly and supportive.'", '"7.5": x', r"'7\.5' is not an integer score"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(tmp_path, file, old, new, message):
+    path = copy_params(tmp_path)
+    _edit(tmp_path / file, old, new)
+    with pytest.raises(FluentRewardError, match=message):
+        load_params(path)
+
+
+def test_blank_description_is_refused(tmp_path):
+    path = copy_params(tmp_path)
+    text = (tmp_path / "rubric.yaml").read_text(encoding="utf-8")
+    start = text.index("    description: >-\n", text.index("\n  clarity:\n"))
+    end = text.index("    anchors:", start)
+    (tmp_path / "rubric.yaml").write_text(text[:start] + "    description: ' '\n" + text[end:], encoding="utf-8")
+    with pytest.raises(FluentRewardError, match=r"dimensions\.clarity\.description: is blank"):
+        load_params(path)
+
+
+def test_anchor_keys_may_be_yaml_integers(tmp_path):
+    path = copy_params(tmp_path)
+    _edit(tmp_path / "rubric.yaml", "\"7\": 'Friendly and supportive.'", "7: 'Friendly and supportive.'")
+    assert load_params(path).rubric.dimensions["encouragement"].anchors["7"] == "Friendly and supportive."
+
+
+def test_non_utf8_params_file_is_a_message(tmp_path):
+    path = copy_params(tmp_path)
+    path.write_bytes(path.read_bytes().replace(b"# Every setting", b"# Every s\xe9tting", 1))
+    with pytest.raises(
+        FluentRewardError, match=r"params\.yaml: not UTF-8: byte 0xe9 at line 1 \(save the file as UTF-8\)"
+    ):
+        load_params(path)
+
+
+def test_yaml_syntax_error_is_a_message(tmp_path):
+    path = copy_params(tmp_path)
+    path.write_text("train: [unclosed\n", encoding="utf-8")
+    with pytest.raises(FluentRewardError, match=r"params\.yaml: not valid YAML: .*line 2"):
+        load_params(path)
+
+
+def test_max_length_above_the_backbone_positions_is_refused():
+    from transformers import BertConfig, XLMRobertaConfig
+
+    from fluent_reward.config import check_max_length
+
+    train = load_params(ROOT / "params.yaml").train.model_copy(update={"max_length": 600, "backbone": "b"})
+    with pytest.raises(FluentRewardError, match=r"train\.max_length=600 is more than the backbone 'b' can take "):
+        check_max_length(train, BertConfig(max_position_embeddings=512))
+    check_max_length(train, BertConfig(max_position_embeddings=600))
+    xlmr = XLMRobertaConfig(max_position_embeddings=514, pad_token_id=1)  # positions start after the padding index
+    check_max_length(train.model_copy(update={"max_length": 512}), xlmr)
+    with pytest.raises(FluentRewardError, match=r"\(512 positions\); set train\.max_length to at most 512"):
+        check_max_length(train.model_copy(update={"max_length": 513}), xlmr)

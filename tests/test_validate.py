@@ -26,7 +26,7 @@ def project(tmp_path, monkeypatch):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"] = {key: str(tmp_path / Path(value)) for key, value in params["data"].items()}
     params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text())  # the rubric file, inlined
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,28 @@ from fluent_reward.config import DEFAULT_PARAMS, Params, load_params
 from fluent_reward.errors import FluentRewardError
 
 log = logging.getLogger("fluent_reward")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--batch-size 0`` is an error, never a silent default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (``nan`` and ``inf`` are errors)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -197,7 +220,7 @@ def _scorer(params: Params, args: argparse.Namespace) -> Any:
         return RewardModelScorer(
             args.model or params.data.model_dir,
             device=args.device or params.score.device,
-            batch_size=args.batch_size or params.score.batch_size,
+            batch_size=params.score.batch_size if args.batch_size is None else args.batch_size,
             fast=_fast_arg(args.fast, params.score.fast),
         )
     except (FileNotFoundError, ValueError) as exc:
@@ -207,7 +230,7 @@ def _scorer(params: Params, args: argparse.Namespace) -> Any:
 def _add_scorer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="model folder (default: data.model_dir)")
     p.add_argument("--device", help="auto | cpu | cuda | ... (default: score.device)")
-    p.add_argument("--batch-size", type=int, help="sequences per forward pass (default: score.batch_size)")
+    p.add_argument("--batch-size", type=positive_int, help="sequences per forward pass (default: score.batch_size)")
     p.add_argument(
         "--fast",
         nargs="?",
@@ -244,7 +267,9 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="records in the input format (JSON array or JSONL)")
     p.add_argument("--output", required=True, help="JSONL: id, group_id, overall, weighted_overall, scores")
     _add_scorer_args(p)
-    p.add_argument("--chunk-size", type=int, default=1024, help="records read and scored at a time (default 1024)")
+    p.add_argument(
+        "--chunk-size", type=positive_int, default=1024, help="records read and scored at a time (default 1024)"
+    )
     p.add_argument("--on-error", choices=["fail", "drop"], help="invalid records: override validate.on_error")
     p.add_argument("--with-input", action="store_true", help="copy each normalised record into its row ('input')")
     p.add_argument("--weights", help="weighted_overall with these weights: accuracy=0.4,feedback=0.2,...")
@@ -266,8 +291,6 @@ def cmd_pairs(params: Params, args: argparse.Namespace) -> None:
         candidates = judged_candidates(validated, judgments, params.rubric)
         source = f"judgments {judgments}"
     min_gap = params.pairs.min_gap if args.min_gap is None else args.min_gap
-    if min_gap < 0:
-        raise FluentRewardError(f"--min-gap must be >= 0, got {min_gap}")
     summary = write_pairs(
         candidates,
         Path(args.output or params.pairs.output),
@@ -284,7 +307,9 @@ def add_pairs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pairs", help="DPO preference pairs (TRL format) within groups, from judgments or model scores")
     p.add_argument("--output", help="pairs JSONL (default: pairs.output); the summary goes to <name>.summary.json")
     p.add_argument("--format", choices=["plain", "conversational"], help="TRL dataset format (default: pairs.format)")
-    p.add_argument("--min-gap", type=float, help="least overall-score gap for a pair (default: pairs.min_gap)")
+    p.add_argument(
+        "--min-gap", type=non_negative_float, help="least overall-score gap for a pair (default: pairs.min_gap)"
+    )
     p.add_argument("--strategy", choices=["all", "best-vs-rest"], default="all", help="which pairs per group")
     p.add_argument("--system-prompt", help="conversational format: a system message to start each prompt")
     p.add_argument("--validated", help="validated records (default: data.validated)")
@@ -322,13 +347,28 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
     from fluent_reward.train import run_train
 
     params = _train_overrides(params, backbone=args.backbone, epochs=args.epochs, seed=args.seed)
+    _check_backbone_fits(params)
     run_train(params, progress=not args.no_progress and sys.stderr.isatty())
+
+
+def _check_backbone_fits(params: Params) -> None:
+    """train.max_length against the backbone's positions, from its config alone: fails at start, not mid-epoch."""
+    from transformers import AutoConfig
+
+    from fluent_reward.config import check_max_length
+    from fluent_reward.model import resolve_backbone
+
+    try:
+        backbone_config = AutoConfig.from_pretrained(resolve_backbone(params.train.backbone))
+    except (OSError, ValueError):
+        return  # an unreadable backbone: the training stage reports it with its own message
+    check_max_length(params.train, backbone_config)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune the reward model on the judgments (split by group, accelerate)")
     p.add_argument("--backbone", help="override train.backbone: a local folder, a packaged backbone or a hub id")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--epochs", type=positive_int, help="override train.epochs")
     p.add_argument("--seed", type=int, help="override train.seed (it also seeds the split)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -370,6 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FluentRewardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the file system said no (permissions, a missing folder, a file where a folder goes)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: work done so far is saved; rerun to resume", file=sys.stderr)
         return 130

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fluent_reward.errors import FluentRewardError
 
@@ -28,9 +28,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def _text(description: str) -> Any:
-    """A required, non-blank text setting (a blank one would silently vanish from the judge prompt)."""
-    return Field(min_length=1, pattern=r"\S", description=description)
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is blank (it would silently vanish from the judge prompt)")
+    return value
+
+
+# A required text setting that must say something: a blank one would vanish from the judge prompt unnoticed.
+NonBlank = Annotated[str, AfterValidator(_non_blank)]
 
 
 class DataPaths(_Section):
@@ -65,7 +70,7 @@ class Scale(_Section):
 
 
 class Dimension(_Section):
-    description: str = _text("what the dimension measures, in the judge's words (part of the judge prompt)")
+    description: NonBlank = Field(description="what the dimension measures, in the judge's words (part of the prompt)")
     anchors: dict[str, str] = Field(
         default_factory=dict,
         description="integer score on the scale -> what a reply at that score looks like (part of the judge prompt); "
@@ -92,7 +97,7 @@ class Dimension(_Section):
 class Rubric(_Section):
     """The judging rubric (``rubric.yaml``): one source of truth for the judge prompt, the docs and the model heads."""
 
-    version: str = _text("your label for this rubric text; bump it when you change the text")
+    version: NonBlank = Field(description="your label for this rubric text; bump it when you change the text")
     scale: Scale = Field(description="the integer scale of every dimension")
     weights: dict[str, float] = Field(
         description="dimension -> weight of the overall score (a weighted mean, computed by code; never re-judges)"

@@ -18,7 +18,7 @@ from typing import Any
 
 from fluent_reward.config import Rubric, ValidateConfig
 from fluent_reward.errors import FluentRewardError
-from fluent_reward.io import atomic_open, iter_jsonl, read_json, stable_hash, write_json
+from fluent_reward.io import atomic_open, iter_jsonl, read_json_file, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -400,33 +400,20 @@ def load_judged_records(
     """The validated records, in file order, each with ``scores`` (per dimension) and ``overall`` from the judge.
 
     Fails with a message saying what to rerun when the judgments were made with other dimensions or another scale
-    than ``rubric``, or when a record has no judgment; with ``skip_unjudged`` such records are left out with a
-    warning instead (the judge may have failed on a few: pairs can do without them, training cannot).
+    than ``rubric``, when the file is damaged (not JSON, an entry without id or with a score that is missing,
+    not finite or off the scale), or when a record has no judgment; with ``skip_unjudged`` such records are left
+    out with a warning instead (the judge may have failed on a few: pairs can do without them, training cannot).
     """
     for path, stage in ((validated, "validate"), (judgments, "judge")):
         if not Path(path).is_file():
             raise FluentRewardError(f"{path}: not found (run `fluent-reward {stage}` or `dvc repro`)")
-    doc = read_json(judgments)
-    dims = doc.get("dimensions") or rubric.names
-    if list(dims) != rubric.names:
-        raise FluentRewardError(
-            f"{judgments}: judged on dimensions {list(dims)} but rubric.dimensions is {rubric.names}; "
-            "rerun `fluent-reward judge`"
-        )
-    scale = doc.get("scale")
-    if scale and (scale.get("min"), scale.get("max")) != (rubric.scale.min, rubric.scale.max):
-        raise FluentRewardError(
-            f"{judgments}: judged on scale {scale} but rubric.scale is {rubric.scale.model_dump()}; "
-            "rerun `fluent-reward judge`"
-        )
-    by_id = {j["id"]: j for j in doc.get("judgments", [])}
+    by_id = _judgment_scores_by_id(Path(judgments), rubric)
     records, missing = [], []
     for row in iter_jsonl(validated):
-        judgment = by_id.get(row["id"])
-        if judgment is None:
-            missing.append(row["id"])
+        scores = by_id.get(str(row.get("id")))
+        if scores is None:
+            missing.append(row.get("id"))
             continue
-        scores = {name: float(judgment["scores"][name]) for name in rubric.names}
         records.append({**row, "scores": scores, "overall": rubric.overall(scores)})
     if missing and skip_unjudged:
         log.warning("%d validated records have no judgment in %s; left out", len(missing), judgments)
@@ -438,3 +425,44 @@ def load_judged_records(
     if not records:
         raise FluentRewardError(f"{validated}: no records to train on")
     return records
+
+
+_RERUN_JUDGE = "rerun `fluent-reward judge`"
+
+
+def _judgment_scores_by_id(judgments: Path, rubric: Rubric) -> dict[str, dict[str, float]]:
+    """Every judgment's scores by record id, checked against the rubric (a damaged file is a clear error)."""
+    doc = read_json_file(judgments, f"expected the judge stage's judgments ({_RERUN_JUDGE})")
+    if not isinstance(doc, dict) or not isinstance(doc.get("judgments"), list):
+        raise FluentRewardError(f'{judgments}: expected an object with a "judgments" list ({_RERUN_JUDGE})')
+    dims = doc.get("dimensions") or rubric.names
+    if list(dims) != rubric.names:
+        raise FluentRewardError(
+            f"{judgments}: judged on dimensions {list(dims)} but the rubric's dimensions are {rubric.names}; "
+            + _RERUN_JUDGE
+        )
+    scale = doc.get("scale")
+    if isinstance(scale, dict) and (scale.get("min"), scale.get("max")) != (rubric.scale.min, rubric.scale.max):
+        raise FluentRewardError(
+            f"{judgments}: judged on scale {scale} but rubric.scale is {rubric.scale.model_dump()}; {_RERUN_JUDGE}"
+        )
+    by_id = {}
+    for number, entry in enumerate(doc["judgments"], start=1):
+        where = f"{judgments}: judgment {number}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str | int) or isinstance(entry["id"], bool):
+            raise FluentRewardError(f'{where}: expected an object with an "id" and "scores" ({_RERUN_JUDGE})')
+        by_id[str(entry["id"])] = _checked_scores(f"{where} (id={entry['id']})", entry.get("scores"), rubric)
+    return by_id
+
+
+def _checked_scores(where: str, scores: Any, rubric: Rubric) -> dict[str, float]:
+    lo, hi = rubric.scale.min, rubric.scale.max
+    if not isinstance(scores, dict):
+        raise FluentRewardError(f'{where}: "scores" must be an object with a score per dimension ({_RERUN_JUDGE})')
+    for name in rubric.names:
+        value = scores.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise FluentRewardError(
+                f"{where}: score {name}={value!r} is not a number on the scale {lo}..{hi} ({_RERUN_JUDGE})"
+            )
+    return {name: float(scores[name]) for name in rubric.names}
