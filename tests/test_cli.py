@@ -201,3 +201,69 @@ def test_a_killed_validate_run_leaves_nothing_after_the_next_run(project):
     assert run(project, "validate", "--input", "small.jsonl", "--output", "out.jsonl") == 0
     assert list(project.glob(".out.jsonl.*.tmp")) == []
     assert len((project / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+# --- options, version, pipes, hostile JSON -------------------------------------------------------------------
+
+
+def test_params_and_verbose_are_accepted_after_the_subcommand(project):
+    (project / "in.jsonl").write_text(_records(2), encoding="utf-8")
+    params = str(project / "params.yaml")
+    assert main(["validate", "--params", params, "-v", "--input", "in.jsonl", "--output", "out.jsonl"]) == 0
+    assert len((project / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+    assert main(["--params", "nope.yaml", "validate", "--params", params, "--input", "in.jsonl"]) == 0  # last wins
+
+
+def test_params_after_the_subcommand_in_a_subprocess(tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    proc = subprocess.run(
+        [*CLI, "rubric", "--params", str(ROOT / "params.yaml")], cwd=other, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("rubric 1.0, prompt version p-"), proc.stderr
+
+
+def test_version(capsys):
+    from fluent_reward import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"fluent-reward {__version__}\n"
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`fluent-reward params | head`: the reader is gone before the first write; no traceback, exit 141."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    args = [*CLI, "--params", str(ROOT / "params.yaml"), "params"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # nobody reads: the command's writes hit a broken pipe
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 141
+    assert stderr == ""
+
+
+def test_head_on_a_real_shell_pipe():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = f"{sys.executable} -m fluent_reward.cli --params params.yaml params | head -n 1"
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "## `data`\n" and proc.stderr == ""
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
+def test_ten_thousand_deep_json_is_a_message(project, capsys, name):
+    deep = "[" * 10_000 + "]" * 10_000
+    content = deep if name.endswith(".json") else json.dumps(GOOD) + "\n" + deep + "\n"
+    (project / name).write_text(content, encoding="utf-8")
+    assert run(project, "validate", "--input", name, "--output", "out.jsonl") == 2
+    err = capsys.readouterr().err
+    assert f"{name}: " in err and "JSON nested too deeply to parse" in err and "RecursionError" not in err
+
+
+def test_ten_thousand_deep_json_in_a_subprocess_has_no_traceback(project):
+    (project / "deep.json").write_text("[" * 10_000 + "]" * 10_000, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [*CLI, "validate", "--input", "deep.json"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "deep.json: JSON nested too deeply to parse" in proc.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -391,13 +392,24 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 REGISTRARS += [add_train, add_evaluate]
 
 
+def _add_common_options(parser: argparse.ArgumentParser, params: Any, verbose: Any) -> None:
+    """--params and -v: accepted before the subcommand and after it (``fluent-reward validate --params P``)."""
+    parser.add_argument("--params", type=Path, default=params, help="settings file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=verbose, help="debug logging")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fluent_reward import __version__
+
     parser = argparse.ArgumentParser(prog="fluent-reward", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="settings file (default: params.yaml)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"fluent-reward {__version__}")
+    _add_common_options(parser, DEFAULT_PARAMS, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in REGISTRARS:
         register(sub)
+    for subparser in sub.choices.values():
+        # SUPPRESS: when absent after the subcommand, the value given before it (or the default) stands.
+        _add_common_options(subparser, argparse.SUPPRESS, argparse.SUPPRESS)
     return parser
 
 
@@ -407,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         args.func(params, args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
+    except BrokenPipeError:
+        # `fluent-reward ... | head`: the reader has gone; stop quietly as Unix tools do (128 + SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except FluentRewardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -28,6 +28,8 @@ OPTIONAL_FIELDS = ("id", "conversation_id", "language", "metadata")
 # metrics/validation.json lists at most this many dropped records (all are counted), to stay small in git.
 MAX_DROPPED_LISTED = 1000
 KNOWN_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
+# Python's parser recurses once per nesting level; records are objects of strings, so depth is never legitimate.
+TOO_DEEP = "JSON nested too deeply to parse (records are objects of strings; is this the right file?)"
 # C0 controls other than tab, newline and carriage return, plus DEL: never legitimate in chat text.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -163,6 +165,8 @@ def iter_raw_records(path: Path, problems: list[Problem]) -> Iterator[tuple[int,
                 problems.append(
                     Problem("not_json", str(path), f"not valid JSON: {exc.msg} at column {exc.colno}", number)
                 )
+            except RecursionError:
+                problems.append(Problem("not_json", str(path), TOO_DEEP, number))
 
 
 def _load_json_array(path: Path) -> list[Any]:
@@ -176,6 +180,8 @@ def _load_json_array(path: Path) -> list[Any]:
         raise FluentRewardError(f"{path}: file is empty; expected a JSON array of records or JSONL")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise FluentRewardError(f"{path}: {TOO_DEEP}") from None
     except json.JSONDecodeError as exc:
         line, col = _line_col(text, exc.pos)
         hint = " (mixed JSON and JSONL? use one JSON array or one object per line)" if text.lstrip()[:1] == "{" else ""
