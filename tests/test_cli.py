@@ -87,7 +87,7 @@ def test_output_under_a_file_is_a_message(project, capsys):
         (b"\xff\xfe garbage", r"judgments\.json: not UTF-8 text \(byte 1\)"),
         (b"[1, 2]", r'judgments\.json: expected an object with a "judgments" list'),
         (b'{"judgments": [7]}', r'judgments\.json: judgment 1: expected an object with an "id" and "scores"'),
-        (b'{"judgments": [{"id": "r0", "scores": {"accuracy": 5}}]}', r"\(id=r0\): score feedback=None is not a num"),
+        (b'{"judgments": [{"id": "r0", "scores": {}}]}', r"judgment 1 \(id=r0\): score \w+=None is not a number"),
         (b'{"judgments": [{"id": "r0", "scores": "high"}]}', r'judgment 1 \(id=r0\): "scores" must be an object'),
         (b"[" * 10000 + b"]" * 10000, r"judgments\.json: JSON nested too deeply"),
     ],
@@ -103,10 +103,11 @@ def test_garbage_judgments_file_is_a_message(project, content, message):
 def test_non_finite_or_off_scale_judgment_scores_are_refused(project):
     rubric = load_params(project / "params.yaml").rubric
     (project / "validated.jsonl").write_text(_records(1), encoding="utf-8")
-    for bad in (float("nan"), 99, True):
-        scores = dict.fromkeys(rubric.names, 5) | {"clarity": bad}
+    for bad in (float("nan"), rubric.scale.max + 1, rubric.scale.min - 0.5, True):
+        last = rubric.names[-1]
+        scores = dict.fromkeys(rubric.names, rubric.scale.min) | {last: bad}
         write_json(project / "j.json", {"judgments": [{"id": "r0", "scores": scores}]})
-        with pytest.raises(FluentRewardError, match=r"score clarity=.* is not a number on the scale 1\.\.10"):
+        with pytest.raises(FluentRewardError, match=rf"score {last}=.* is not a number on the scale"):
             load_judged_records(project / "validated.jsonl", project / "j.json", rubric)
 
 
@@ -220,7 +221,9 @@ def test_params_after_the_subcommand_in_a_subprocess(tmp_path):
     proc = subprocess.run(
         [*CLI, "rubric", "--params", str(ROOT / "params.yaml")], cwd=other, capture_output=True, text=True
     )
-    assert proc.returncode == 0 and proc.stdout.startswith("rubric 1.0, prompt version p-"), proc.stderr
+    assert proc.returncode == 0 and proc.stdout.startswith("rubric ") and ", prompt version p-" in proc.stdout, (
+        proc.stderr
+    )
 
 
 def test_version(capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -14,10 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def copy_params(folder: Path) -> Path:
-    """params.yaml (and the files it names beside it) copied into ``folder``; returns the params path."""
-    for name in ("params.yaml", "rubric.yaml"):
-        if (ROOT / name).is_file():
-            shutil.copy(ROOT / name, folder / name)
+    """params.yaml, with the bundled sample's rubric as rubric.yaml (tests below pin its texts), in ``folder``."""
+    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    shutil.copy(ROOT / "data" / "sample" / "rubric.yaml", folder / "rubric.yaml")
     return folder / "params.yaml"
 
 
@@ -65,8 +65,8 @@ def test_values_set_through_dvc_keep_their_meaning(tmp_path, override, key, expe
 @pytest.mark.parametrize("spelling", ["no", "false", "'no'"])
 def test_mixed_precision_no_in_any_yaml_spelling(tmp_path, spelling):
     path = copy_params(tmp_path)
-    text = path.read_text(encoding="utf-8")
-    path.write_text(text.replace('mixed_precision: "no"', f"mixed_precision: {spelling}"), encoding="utf-8")
+    text = re.sub(r"(?m)^  mixed_precision: .*$", f"  mixed_precision: {spelling}", path.read_text(encoding="utf-8"))
+    path.write_text(text, encoding="utf-8")
     assert f"mixed_precision: {spelling}" in path.read_text(encoding="utf-8")
     assert load_params(path).train.mixed_precision == "no"
 
@@ -174,47 +174,53 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("file", "old", "new", "message"),
+    ("override", "message"),
     [
-        ("rubric.yaml", "accuracy: 0.25", "accuracy: .nan", r"rubric\.yaml: invalid settings: weights\.accuracy: "),
-        ("rubric.yaml", "feedback: 0.20", "feedback: .inf", r"rubric\.yaml: invalid settings: weights\.feedback: "),
+        ("train.lr=inf", r"params\.yaml: invalid settings: train\.lr: Input should be a finite number"),
+        ("train.head_lr=nan", r"train\.head_lr: Input should be a finite number"),
+        ("evaluate.min_gap=nan", r"evaluate\.min_gap: Input should be a finite number"),
+        ("evaluate.min_gap=-1", r"evaluate\.min_gap: Input should be greater than or equal to 0"),
+        ("pairs.min_gap=inf", r"pairs\.min_gap: Input should be a finite number"),
+        ("train.batch_size=0", r"train\.batch_size: Input should be greater than or equal to 1"),
+        ("evaluate.batch_size=0", r"evaluate\.batch_size: Input should be greater than or equal to 1"),
+        ("score.batch_size=0", r"score\.batch_size: Input should be greater than or equal to 1"),
+        ("judge.max_budget_usd=nan", r"judge\.max_budget_usd: Input should be a finite number"),
+        ("train.warmup_ratio=-inf", r"train\.warmup_ratio: Input should be a finite number"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_key(tmp_path, override, message):
+    path = copy_params(tmp_path)
+    dvc_set(path, override)
+    with pytest.raises(FluentRewardError, match=message):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
         (
-            "params.yaml",
-            "lr: 2.0e-4",
-            "lr: .inf",
-            r"params\.yaml: invalid settings: train\.lr: Input should be a finite",
+            "accuracy: 0.25",
+            "accuracy: .nan",
+            r"rubric\.yaml: invalid settings: weights\.accuracy: Input should be a finite",
         ),
-        ("params.yaml", "head_lr: 1.0e-3", "head_lr: .nan", r"train\.head_lr: Input should be a finite number"),
-        ("params.yaml", "min_gap: 0.5", "min_gap: .nan", r"evaluate\.min_gap: Input should be a finite number"),
-        ("params.yaml", "min_gap: 0.5", "min_gap: -1", r"evaluate\.min_gap: Input should be greater than or equal"),
-        ("params.yaml", "min_gap: 1.0", "min_gap: .inf", r"pairs\.min_gap: Input should be a finite number"),
-        ("params.yaml", "batch_size: 16", "batch_size: 0", r"train\.batch_size: Input should be greater than or equal"),
-        ("params.yaml", "batch_size: 32\n  fast", "batch_size: 0\n  fast", r"score\.batch_size: Input should be"),
-        ("params.yaml", "max_budget_usd: null", "max_budget_usd: .nan", r"judge\.max_budget_usd: Input should be"),
+        ("feedback: 0.20", "feedback: .inf", r"rubric\.yaml: invalid settings: weights\.feedback: "),
         (
-            "rubric.yaml",
             "'Curt, dismissive, sarcastic or discouraging.'",
             "''",
             r"rubric\.yaml: invalid settings: dimensions\.encouragement\.anchors: anchor '1' is blank",
         ),
         (
-            "rubric.yaml",
             """'Everything stated is correct and natural; examples and corrections are exactly right.'""",
             "'   '",
             r"dimensions\.accuracy\.anchors: anchor '10' is blank",
         ),
-        (
-            "rubric.yaml",
-            "\"7\": 'Friendly and supportive.'",
-            '"11": x',
-            r"anchors: '11' is not an integer score on the",
-        ),
-        ("rubric.yaml", "\"7\": 'Friendly and supportive.'", '"7.5": x', r"'7\.5' is not an integer score"),
+        ("\"7\": 'Friendly and supportive.'", '"11": x', r"anchors: '11' is not an integer score on the"),
+        ("\"7\": 'Friendly and supportive.'", '"7.5": x', r"'7\.5' is not an integer score"),
     ],
 )
-def test_bad_values_are_refused_naming_the_key(tmp_path, file, old, new, message):
+def test_bad_rubric_values_are_refused_naming_the_key(tmp_path, old, new, message):
     path = copy_params(tmp_path)
-    _edit(tmp_path / file, old, new)
+    _edit(tmp_path / "rubric.yaml", old, new)
     with pytest.raises(FluentRewardError, match=message):
         load_params(path)
 

@@ -13,6 +13,7 @@ import yaml
 
 from fluent_reward.config import load_params
 from fluent_reward.io import file_sha256, write_json
+from fluent_reward.rubric import render_criteria_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
@@ -25,7 +26,7 @@ def stages() -> dict:
 def test_every_stage_calls_the_console_script_and_reads_params_it_lists():
     files = {"params.yaml": yaml.safe_load((ROOT / "params.yaml").read_text())}
     for name, stage in stages().items():
-        assert stage["cmd"] == f"fluent-reward {name}"
+        assert stage["cmd"].split()[:2] == ["fluent-reward", name]
         for entry in stage.get("params", []):
             for file, keys in entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]:
                 document = files.setdefault(file, yaml.safe_load((ROOT / file).read_text()))
@@ -92,6 +93,7 @@ def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_p
         data.predictions,
         data.report,
         data.plots_dir / "scatter.png",
+        data.criteria_doc,
     ]
     for path, content in shared.items():
         (project / path).parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +165,8 @@ def test_dvc_exp_run_set_param_reruns_only_evaluate(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(project / "src"))
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     _dvc(project, "repro", "-q")
+    criteria = (project / "docs" / "JUDGING_CRITERIA.md").read_text(encoding="utf-8")  # stage rubric wrote it
+    assert criteria == render_criteria_doc(load_params(project / "params.yaml").rubric)
     _git(project, "add", "-A")
     _git(project, "commit", "-qm", "tiny pipeline")
     params = load_params(project / "params.yaml")
@@ -174,7 +178,7 @@ def test_dvc_exp_run_set_param_reruns_only_evaluate(tmp_path, monkeypatch):
     out = _dvc(project, "exp", "run", "-S", "evaluate.min_gap=1.0")
 
     assert "Running stage 'evaluate'" in out
-    for stage in ("validate", "judge", "train"):
+    for stage in ("rubric", "validate", "judge", "train"):
         assert f"Running stage '{stage}'" not in out
     assert load_params(project / "params.yaml").evaluate.min_gap == 1.0  # and the settings still load
     assert {path: file_sha256(project / path) for path in untouched} == before

@@ -162,16 +162,20 @@ def add_judge(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_rubric(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.io import atomic_open
     from fluent_reward.rubric import USER_TEMPLATE, prompt_version, render_criteria_doc, render_system_prompt
 
     doc = render_criteria_doc(params.rubric)
+    path = args.docs or params.data.criteria_doc
     if args.write_docs:
-        args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text(doc, encoding="utf-8")
-        log.info("wrote %s (prompt version %s)", args.docs, prompt_version(params.rubric))
+        with atomic_open(path) as handle:
+            handle.write(doc)
+        log.info("wrote %s (prompt version %s)", path, prompt_version(params.rubric))
     elif args.check:
-        if not args.docs.is_file() or args.docs.read_text(encoding="utf-8") != doc:
-            raise FluentRewardError(f"{args.docs} is out of date: run `fluent-reward rubric --write-docs`")
+        if not path.is_file() or path.read_text(encoding="utf-8") != doc:
+            raise FluentRewardError(
+                f"{path} does not match the rubric: run `dvc repro` or `fluent-reward rubric --write-docs`"
+            )
     elif args.show_prompt:
         print(render_system_prompt(params.rubric), USER_TEMPLATE, sep="\n\n--- user turn template ---\n")
     else:
@@ -183,7 +187,7 @@ def add_rubric(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--write-docs", action="store_true", help="(re)write the criteria document from the rubric")
     p.add_argument("--check", action="store_true", help="exit 2 if the criteria document is out of date")
     p.add_argument("--show-prompt", action="store_true", help="print the judge's system prompt and user template")
-    p.add_argument("--docs", type=Path, default=Path("docs/JUDGING_CRITERIA.md"), help="criteria document path")
+    p.add_argument("--docs", type=Path, help="criteria document path (default: data.criteria_doc)")
     p.set_defaults(func=cmd_rubric)
 
 

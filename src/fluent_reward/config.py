@@ -56,6 +56,7 @@ class DataPaths(_Section):
     predictions: Path = Field(description="every record's judge and model scores, CSV (git)")
     plots_dir: Path = Field(description="evaluate's PNG plots (git)")
     report: Path = Field(description="evaluate's readable summary, Markdown (git)")
+    criteria_doc: Path = Field(description="the rubric rendered as a document (stage rubric; git)")
 
 
 class Scale(_Section):
