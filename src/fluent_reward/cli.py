@@ -63,6 +63,8 @@ def cmd_validate(params: Params, args: argparse.Namespace) -> None:
     cfg = params.validate_
     if args.on_error:
         cfg = cfg.model_copy(update={"on_error": args.on_error})
+    if args.group_by:
+        cfg = cfg.model_copy(update={"group_by": args.group_by})
     run_validate(
         Path(args.input or params.data.conversations),
         Path(args.output or params.data.validated),
@@ -76,6 +78,7 @@ def add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", help="input file (default: data.conversations)")
     p.add_argument("--output", help="normalised JSONL (default: data.validated)")
     p.add_argument("--on-error", choices=["fail", "drop"], help="override validate.on_error")
+    p.add_argument("--group-by", choices=["conversation_id", "content"], help="override validate.group_by")
     p.set_defaults(func=cmd_validate)
 
 

@@ -144,6 +144,10 @@ class ValidateConfig(_Section):
     )
     max_chars: int = Field(gt=0, description="longest allowed context, student_message or tutor_response (characters)")
     max_problems_shown: int = Field(gt=0, description="problems listed in the error message (all are counted)")
+    group_by: Literal["conversation_id", "content"] = Field(
+        description="what makes a group (the replies split together): conversation_id, else the context + student "
+        "message; content: always the context + student message, whatever the ids say"
+    )
 
 
 class Price(_Section):

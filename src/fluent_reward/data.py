@@ -255,11 +255,16 @@ def _check_text(name: str, value: Any, cfg: ValidateConfig) -> list[tuple[str, s
     return []
 
 
-def normalise(record: dict[str, Any]) -> dict[str, Any]:
-    """The validated form of a record: stable string ``id``, ``group_id``, and the original fields."""
+def normalise(record: dict[str, Any], group_by: str = "conversation_id") -> dict[str, Any]:
+    """The validated form of a record: stable string ``id``, ``group_id``, and the original fields.
+
+    The group is the ``conversation_id`` when given (``group_by: conversation_id``), else, or always with
+    ``group_by: content``, a hash of the context and student message: the replies to one exchange.
+    """
     context, student, response = (record[f] for f in REQUIRED_FIELDS)
     record_id = str(record["id"]) if record.get("id") is not None else content_id(context, student, response)
-    group_id = str(record["conversation_id"]) if record.get("conversation_id") else group_key(context, student)
+    by_id = group_by == "conversation_id" and record.get("conversation_id")
+    group_id = str(record["conversation_id"]) if by_id else group_key(context, student)
     out: dict[str, Any] = {"id": record_id, "group_id": group_id}
     out.update({name: record[name] for name in REQUIRED_FIELDS})
     for name in ("conversation_id", "language", "metadata"):
@@ -287,21 +292,24 @@ def validate_file(path: Path, cfg: ValidateConfig) -> tuple[Iterator[dict[str, A
 
 
 def _validated(path: Path, cfg: ValidateConfig, report: ValidationReport) -> Iterator[dict[str, Any]]:
-    seen_ids: dict[bytes, int] = {}
-    seen_content: dict[bytes, int] = {}
+    seen = _Seen(cfg.group_by)
     file = str(path)
     for number, record in iter_raw_records(path, report.problems):
         report.records_read += 1
         record_id = _display_id(record)
         found = check_record(record, cfg)
         if not found:
-            found = _check_unknown_and_duplicates(record, number, seen_ids, seen_content, report, file)
+            _warn_unknown_fields(record, number, report, file)
+            found = seen.duplicates(record, number)
         if found:
             for kind, field_name, message in found:
                 report.problems.append(Problem(kind, file, message, number, record_id, field_name))
             report.drop(number, record_id, sorted({k for k, _, _ in found}))
             continue
-        row = normalise(record)
+        row = normalise(record, cfg.group_by)
+        conflict = seen.group_conflict(row, number)
+        if conflict:
+            report.warnings.append(Problem("group_conflict", file, conflict, number, record_id, "conversation_id"))
         report.records_valid += 1
         report.groups.add(row["group_id"])
         report.languages[row.get("language", "unknown")] += 1
@@ -319,36 +327,56 @@ def _display_id(record: Any) -> str | None:
     return None
 
 
-def _check_unknown_and_duplicates(
-    record: dict[str, Any],
-    number: int,
-    seen_ids: dict[bytes, int],
-    seen_content: dict[bytes, int],
-    report: ValidationReport,
-    file: str,
-) -> list[tuple[str, str | None, str]]:
+def _warn_unknown_fields(record: dict[str, Any], number: int, report: ValidationReport, file: str) -> None:
     for name in sorted(set(record) - KNOWN_FIELDS):
         report.warnings.append(
             Problem("unknown_field", file, "unknown field, ignored", number, _display_id(record), name)
         )
-    content = _digest(*(record[f] for f in REQUIRED_FIELDS))
-    if content in seen_content:
-        return [
-            (
-                "duplicate_record",
-                None,
-                f"same context, student_message and tutor_response as record {seen_content[content]}",
-            )
-        ]
-    found: list[tuple[str, str | None, str]] = []
-    row_id = normalise(record)["id"]
-    key = _digest(row_id)
-    if key in seen_ids:
-        found.append(("duplicate_id", "id", f"duplicate id '{row_id}' (first used by record {seen_ids[key]})"))
-    else:
-        seen_ids[key] = number
-    seen_content[content] = number
-    return found
+
+
+_GROUP_HINT = (
+    "one exchange in two groups can land in both the train and the test split; "
+    "set validate.group_by: content to group records by their context and student message"
+)
+
+
+@dataclass
+class _Seen:
+    """What earlier records looked like, as small digests: duplicate ids and records, and split exchanges."""
+
+    group_by: str
+    ids: dict[bytes, int] = field(default_factory=dict)
+    records: dict[bytes, tuple[int, str | None]] = field(default_factory=dict)  # -> (record, conversation_id)
+    exchanges: dict[bytes, tuple[int, str]] = field(default_factory=dict)  # context + student -> (record, group)
+
+    def duplicates(self, record: dict[str, Any], number: int) -> list[tuple[str, str | None, str]]:
+        content = _digest(*(record[f] for f in REQUIRED_FIELDS))
+        conversation = record.get("conversation_id")
+        if content in self.records:
+            first, first_conversation = self.records[content]
+            message = f"same context, student_message and tutor_response as record {first}"
+            if first_conversation != conversation:
+                message += f" but another conversation_id ({first_conversation!r} there, {conversation!r} here): "
+                message += _GROUP_HINT if self.group_by == "conversation_id" else "keep one of them"
+            return [("duplicate_record", None, message)]
+        self.records[content] = (number, conversation)
+        row_id = normalise(record)["id"]
+        key = _digest(row_id)
+        if key in self.ids:
+            return [("duplicate_id", "id", f"duplicate id '{row_id}' (first used by record {self.ids[key]})")]
+        self.ids[key] = number
+        return []
+
+    def group_conflict(self, row: dict[str, Any], number: int) -> str | None:
+        """A message when this exchange (context + student message) already appeared in another group."""
+        exchange = _digest(row["context"], row["student_message"])
+        first, group = self.exchanges.setdefault(exchange, (number, row["group_id"]))
+        if group == row["group_id"]:
+            return None
+        return (
+            f"same context and student_message as record {first}, but in group {group!r} there and "
+            f"{row['group_id']!r} here: {_GROUP_HINT}"
+        )
 
 
 def run_validate(source: Path, output: Path, metrics_path: Path, cfg: ValidateConfig) -> ValidationReport:
