@@ -156,41 +156,38 @@ def test_anchors_are_optional_until_the_judge_is_asked(rubric):
     assert "No anchors: this dimension's scores are imported" in render_criteria_doc(bare)
 
 
-def _imported(records, rubric: Rubric, score: float = 5.5) -> dict:
-    """Imported human ratings, matched by content; fractional scores are allowed (anchors are integers)."""
-    return {
-        "source": "import",
-        "provenance": {"method": "human raters, mean of two"},
-        "judgments": [
-            {
-                **{k: r[k] for k in ("context", "student_message", "tutor_response")},
-                "scores": dict.fromkeys(rubric.names, score),
-            }
-            for r in records
-        ],
-    }
+def _doc_example(name: str) -> str:
+    """A code block of docs/YOUR_RUBRIC.md, exactly as a reader copies it."""
+    text = (ROOT / "docs" / "YOUR_RUBRIC.md").read_text(encoding="utf-8")
+    return re.search(rf"<!-- example: {re.escape(name)} -->\n```\w+\n(.*?)```", text, re.S).group(1)
 
 
-def test_a_rubric_without_anchors_runs_on_imported_ratings(judge_project, capsys):
+def test_the_documented_own_rubric_runs_on_imported_ratings_without_a_key(judge_project, capsys):
+    """docs/YOUR_RUBRIC.md's example: a 4-dimension rubric without anchors and fractional imported ratings."""
     import yaml
 
     from tests.conftest import judge_records
 
+    example = yaml.safe_load(_doc_example("rubric.yaml"))
+    ratings = json.loads(_doc_example("ratings.json"))
+    template = ratings["judgments"][0]
+    ratings["judgments"] = [{**template, "id": r["id"]} for r in judge_records(12)]  # the doc's entry, per record
+    (judge_project.root / "ratings.json").write_text(json.dumps(ratings), encoding="utf-8")
     params = yaml.safe_load(judge_project.params_path.read_text(encoding="utf-8"))
-    for dim in params["rubric"]["dimensions"].values():
-        del dim["anchors"]
-    reference = judge_project.root / "ratings.json"
-    rubric = load_params(ROOT / "params.yaml").rubric
-    reference.write_text(json.dumps(_imported(judge_records(12), rubric)), encoding="utf-8")
-    params["judge"]["reference"] = [str(reference)]
+    params["rubric"] = example
+    params["judge"]["reference"] = [str(judge_project.root / "ratings.json")]
     judge_project.params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
 
-    assert judge_project.run() == 0  # no key, no anchors, nothing sent
-    judged = judge_project.judgments()["judgments"]
-    assert len(judged) == 12 and {j["scores"]["accuracy"] for j in judged} == {5.5}
+    assert judge_project.run() == 0  # no key, no anchors: nothing is sent
+    doc = judge_project.judgments()
+    assert doc["dimensions"] == ["correctness", "helpfulness", "tone", "brevity"]
+    assert [j["scores"] for j in doc["judgments"]] == [template["scores"]] * 12
+    rubric = load_params(judge_project.params_path).rubric
+    assert "No anchors: this dimension's scores are imported" in render_criteria_doc(rubric)
 
-    judge_project.write_records(judge_records(13))  # one record without a rating: now the judge must be asked
+    judge_project.write_records(judge_records(13))  # one record without a rating: now the judge would be asked
     assert judge_project.run() == 2
-    assert "1 records have no supplied judgment and need the judge, but the rubric's dimensions" in (
-        capsys.readouterr().err
-    )
+    assert (
+        "1 records have no supplied judgment and need the judge, but the rubric's dimensions correctness, "
+        "helpfulness, tone, brevity have no anchors"
+    ) in capsys.readouterr().err
