@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fluent_reward.config import load_params
@@ -17,6 +18,9 @@ from fluent_reward.rubric import render_criteria_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
+# A git identity for the commits and tags the tests make (the machine may have none).
+_GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
+_GIT_ENV |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def stages() -> dict:
@@ -63,20 +67,20 @@ def _dvc(cwd: Path, *args: str) -> str:
     return proc.stdout
 
 
-def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_path):
-    """Push the shared outputs to a directory remote, delete them and the cache, pull: byte-identical."""
-    project = tmp_path / "project"
+def _standin_project(root: Path, git: bool) -> tuple[Path, dict[Path, bytes]]:
+    """A copy of the project with stand-in outputs committed to DVC (the stages' real work is tested elsewhere;
+    these tests are about what DVC shares). Returns the project and its DVC-cached outputs with their bytes."""
+    project = root / "project"
     project.mkdir()
     for name in ("dvc.yaml", "params.yaml", "rubric.yaml"):
         shutil.copy(ROOT / name, project / name)
     shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "sample", project / "data" / "sample")
-    _dvc(project, "init", "--no-scm", "-q")
+    if git:
+        _git(project, "init", "-q")
+    _dvc(project, "init", "-q", *([] if git else ["--no-scm"]))
     _dvc(project, "config", "core.analytics", "false")
-    params = load_params(project / "params.yaml")
-    data = params.data
-
-    # Stand-in outputs (the stages' real work is tested elsewhere; this test is about what DVC shares).
+    data = load_params(project / "params.yaml").data
     shared = {
         data.validated: b'{"id": "a"}\n',
         data.judgments: '{"judgments": [{"id": "a", "rationale": "¡bien!"}]}\n'.encode(),
@@ -102,7 +106,13 @@ def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_p
         (project / path).parent.mkdir(parents=True, exist_ok=True)
         (project / path).write_text("{}\n")
     _dvc(project, "commit", "--force", "-q")
+    return project, shared
 
+
+def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_path):
+    """Push the shared outputs to a directory remote, delete them and the cache, pull: byte-identical."""
+    project, shared = _standin_project(tmp_path, git=False)
+    data = load_params(project / "params.yaml").data
     remote = tmp_path / "remote"
     _dvc(project, "remote", "add", "-d", "local", str(remote))
     _dvc(project, "push", "-q")
@@ -116,14 +126,32 @@ def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_p
         assert (project / path).read_bytes() == content, f"{path} differs after pull"
 
 
+def test_dvc_artifacts_get_finds_the_model_once_a_version_is_registered(tmp_path):
+    """README's model-sharing step: `dvc artifacts get` needs a GTO version tag; `gto register` makes one."""
+    project, shared = _standin_project(tmp_path, git=True)
+    model_dir = load_params(project / "params.yaml").data.model_dir
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "a trained model")
+    fetch = [*DVC, "artifacts", "get", str(project), "reward-model", "-o", str(tmp_path / "before")]
+    proc = subprocess.run(fetch, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "Unable to find artifact 'reward-model'" in proc.stderr
+
+    gto = [sys.executable, "-c", "from gto.cli import app; app()"]
+    subprocess.run([*gto, "register", "reward-model", "--version", "v0.1.0"], cwd=project, env=_GIT_ENV, check=True)
+    assert "reward-model@v0.1.0" in subprocess.run(["git", "tag"], cwd=project, capture_output=True, text=True).stdout
+    _dvc(tmp_path, "artifacts", "get", str(project), "reward-model", "-o", "model")
+    _dvc(tmp_path, "artifacts", "get", str(project), "reward-model", "--rev", "v0.1.0", "-o", "model_v0.1.0")
+    for folder in ("model", "model_v0.1.0"):
+        for name in ("model.safetensors", "fluent_reward.json"):
+            assert (tmp_path / folder / name).read_bytes() == shared[model_dir / name]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # `dvc exp run -S` on a real, tiny copy of the project
 
 
 def _git(cwd: Path, *args: str) -> None:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
-    env["GIT_COMMITTER_EMAIL"] = "t@t"
-    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+    subprocess.run(["git", *args], cwd=cwd, env=_GIT_ENV, check=True, capture_output=True)
 
 
 def _tiny_repo(root: Path) -> Path:
@@ -193,3 +221,10 @@ def test_dvc_exp_run_set_param_reruns_only_evaluate(tmp_path, monkeypatch):
         handle.write("\n# an edit\n")
     stale = json.loads(_dvc(project, "status", "--json"))
     assert {"validate", "train", "evaluate"} <= set(stale), stale
+
+
+def test_dvc_plots_output_is_gitignored():
+    proc = subprocess.run(["git", "check-ignore", "dvc_plots/index.html"], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert proc.stdout.strip() == "dvc_plots/index.html", "dvc_plots/ (from `dvc plots show`) must be gitignored"
