@@ -17,6 +17,7 @@ repro: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/fluent-reward rubric --check    # docs/JUDGING_CRITERIA.md matches YOUR rubric.yaml (`dvc repro` refreshes it)
 	$(BIN)/pytest
 
 format: $(STAMP)

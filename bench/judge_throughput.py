@@ -34,6 +34,7 @@ from tests.fake_anthropic import API_KEY, FakeAnthropic  # noqa: E402
 
 def make_project(folder: Path, records: int, concurrency: int) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text())  # the rubric file, inlined
     params["data"] = {key: str(folder / value) for key, value in params["data"].items()}
     params["judge"].update(reference=[], max_concurrency=concurrency)
     path = folder / "params.yaml"

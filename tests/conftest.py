@@ -129,6 +129,7 @@ def judge_project(tmp_path, monkeypatch, strict_sdk) -> JudgeProject:
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text())  # the rubric file, inlined
     data = {key: tmp_path / value for key, value in params["data"].items()}
     params["data"] = {key: str(path) for key, path in data.items()}
     params["judge"].update(

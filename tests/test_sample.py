@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fluent_reward.config import load_params
+from fluent_reward.config import Rubric, load_params, read_yaml
 from fluent_reward.data import validate_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,9 @@ def _sample_report():
 
 @pytest.fixture(scope="module")
 def sample():
+    """The sample with the rubric it was judged against (data/sample/rubric.yaml), whatever your rubric.yaml says."""
     params = load_params(ROOT / "params.yaml")
+    params = params.model_copy(update={"rubric": Rubric.model_validate(read_yaml(SAMPLE / "rubric.yaml"))})
     records = json.loads((SAMPLE / "conversations.json").read_text(encoding="utf-8"))
     reference = json.loads((SAMPLE / "reference_judgments.json").read_text(encoding="utf-8"))
     return params, records, reference

@@ -25,7 +25,8 @@ def project(tmp_path, monkeypatch):
     """A temporary project: params.yaml from the repo with the stage paths redirected into tmp_path."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"] = {key: str(tmp_path / Path(value)) for key, value in params["data"].items()}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text())  # the rubric file, inlined
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -281,3 +282,51 @@ def test_cli_exit_code_and_no_traceback_in_subprocess(project):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "bad.json: record 1: field 'context': expected a string, got an integer" in proc.stderr
+
+
+# --- groups: one exchange never lands in two splits -------------------------------------------------------------
+
+
+def test_duplicate_under_another_conversation_id_says_so_and_offers_grouping_by_content(project, capsys):
+    records = [rec(id="a", conversation_id="c1"), rec(id="b", conversation_id="c2")]
+    assert run_validate(project, json.dumps(records)) == 2
+    assert (
+        "record 2 (id=b): same context, student_message and tutor_response as record 1 but another conversation_id "
+        "('c1' there, 'c2' here): one exchange in two groups can land in both the train and the test split; "
+        "set validate.group_by: content"
+    ) in err(capsys)
+
+
+def test_one_exchange_under_two_conversation_ids_is_a_warning_with_the_fix(project, caplog):
+    records = [rec(id="a", conversation_id="c1"), rec(id="b", conversation_id="c2", tutor_response="Otra.")]
+    assert run_validate(project, json.dumps(records)) == 0
+    assert (
+        "record 2 (id=b): field 'conversation_id': same context and student_message as record 1, but in group "
+        "'c1' there and 'c2' here: one exchange in two groups"
+    ) in caplog.text
+    rows = [json.loads(line) for line in (project / "out.jsonl").read_text().splitlines()]
+    assert [r["group_id"] for r in rows] == ["c1", "c2"]
+    metrics = json.loads((project / "metrics" / "validation.json").read_text())
+    assert metrics["warnings_by_kind"] == {"group_conflict": 1} and metrics["groups"] == 2
+
+
+def test_group_by_content_keeps_one_exchange_in_one_group(project, caplog):
+    records = [
+        rec(id="a", conversation_id="c1"),
+        rec(id="b", conversation_id="c2", tutor_response="Otra."),
+        rec(id="c", conversation_id="c2", context="", tutor_response="Otra."),
+    ]
+    assert run_validate(project, json.dumps(records), "--group-by", "content") == 0
+    rows = [json.loads(line) for line in (project / "out.jsonl").read_text().splitlines()]
+    assert rows[0]["group_id"] == rows[1]["group_id"] != rows[2]["group_id"]
+    assert rows[0]["group_id"].startswith("g-") and rows[0]["conversation_id"] == "c1"  # the id itself is kept
+    assert "group_conflict" not in caplog.text and "one exchange in two groups" not in caplog.text
+
+
+def test_group_by_content_with_drop_keeps_one_copy_of_a_duplicate(project, capsys):
+    records = [rec(id="a", conversation_id="c1"), rec(id="b", conversation_id="c2")]
+    assert run_validate(project, json.dumps(records), "--group-by", "content", "--on-error", "drop") == 0
+    rows = [json.loads(line) for line in (project / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a"]
+    assert run_validate(project, json.dumps(records), "--group-by", "content") == 2
+    assert "('c1' there, 'c2' here): keep one of them" in err(capsys)

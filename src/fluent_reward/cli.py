@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +20,28 @@ from fluent_reward.config import DEFAULT_PARAMS, Params, load_params
 from fluent_reward.errors import FluentRewardError
 
 log = logging.getLogger("fluent_reward")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--batch-size 0`` is an error, never a silent default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (``nan`` and ``inf`` are errors)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -39,6 +63,8 @@ def cmd_validate(params: Params, args: argparse.Namespace) -> None:
     cfg = params.validate_
     if args.on_error:
         cfg = cfg.model_copy(update={"on_error": args.on_error})
+    if args.group_by:
+        cfg = cfg.model_copy(update={"group_by": args.group_by})
     run_validate(
         Path(args.input or params.data.conversations),
         Path(args.output or params.data.validated),
@@ -52,6 +78,7 @@ def add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", help="input file (default: data.conversations)")
     p.add_argument("--output", help="normalised JSONL (default: data.validated)")
     p.add_argument("--on-error", choices=["fail", "drop"], help="override validate.on_error")
+    p.add_argument("--group-by", choices=["conversation_id", "content"], help="override validate.group_by")
     p.set_defaults(func=cmd_validate)
 
 
@@ -82,7 +109,39 @@ def add_outputs(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Subcommands of later stages register here, each in its own block: add_<name>(sub) + cmd_<name>(params, args).
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_validate, add_outputs]
+# ----------------------------------------------------------------------------------------------------------------
+# params: the settings' documentation, generated from config.py
+
+DOCS = Path("docs")
+
+
+def cmd_params(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.settings_doc import section_model, section_names, settings_table, stale_docs
+
+    docs = sorted(args.docs.glob("*.md")) if args.docs.is_dir() else [args.docs]
+    if args.write_docs:
+        for path in stale_docs(docs, write=True):
+            log.info("wrote %s", path)
+    elif args.check:
+        stale = stale_docs(docs)
+        if stale:
+            names = ", ".join(str(p) for p in stale)
+            raise FluentRewardError(f"settings tables out of date in {names}: run `fluent-reward params --write-docs`")
+    else:
+        for section in args.markdown or section_names():
+            print(f"## `{section}`\n\n{settings_table(section_model(section))}")
+
+
+def add_params(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="every setting's type and meaning (Markdown); refresh the tables in docs/")
+    p.add_argument("--markdown", nargs="+", metavar="SECTION", help="print these sections only (default: all)")
+    p.add_argument("--write-docs", action="store_true", help="regenerate the settings tables between their markers")
+    p.add_argument("--check", action="store_true", help="exit 2 if a settings table in the docs is out of date")
+    p.add_argument("--docs", type=Path, default=DOCS, help="a Markdown file or a folder of them (default: docs)")
+    p.set_defaults(func=cmd_params)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_validate, add_outputs, add_params]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,16 +165,20 @@ def add_judge(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_rubric(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.io import atomic_open
     from fluent_reward.rubric import USER_TEMPLATE, prompt_version, render_criteria_doc, render_system_prompt
 
     doc = render_criteria_doc(params.rubric)
+    path = args.docs or params.data.criteria_doc
     if args.write_docs:
-        args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text(doc, encoding="utf-8")
-        log.info("wrote %s (prompt version %s)", args.docs, prompt_version(params.rubric))
+        with atomic_open(path) as handle:
+            handle.write(doc)
+        log.info("wrote %s (prompt version %s)", path, prompt_version(params.rubric))
     elif args.check:
-        if not args.docs.is_file() or args.docs.read_text(encoding="utf-8") != doc:
-            raise FluentRewardError(f"{args.docs} is out of date: run `fluent-reward rubric --write-docs`")
+        if not path.is_file() or path.read_text(encoding="utf-8") != doc:
+            raise FluentRewardError(
+                f"{path} does not match the rubric: run `dvc repro` or `fluent-reward rubric --write-docs`"
+            )
     elif args.show_prompt:
         print(render_system_prompt(params.rubric), USER_TEMPLATE, sep="\n\n--- user turn template ---\n")
     else:
@@ -124,10 +187,10 @@ def cmd_rubric(params: Params, args: argparse.Namespace) -> None:
 
 def add_rubric(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rubric", help="the rubric's prompt version; regenerate docs/JUDGING_CRITERIA.md")
-    p.add_argument("--write-docs", action="store_true", help="(re)write the criteria document from params.yaml")
+    p.add_argument("--write-docs", action="store_true", help="(re)write the criteria document from the rubric")
     p.add_argument("--check", action="store_true", help="exit 2 if the criteria document is out of date")
     p.add_argument("--show-prompt", action="store_true", help="print the judge's system prompt and user template")
-    p.add_argument("--docs", type=Path, default=Path("docs/JUDGING_CRITERIA.md"), help="criteria document path")
+    p.add_argument("--docs", type=Path, help="criteria document path (default: data.criteria_doc)")
     p.set_defaults(func=cmd_rubric)
 
 
@@ -165,7 +228,7 @@ def _scorer(params: Params, args: argparse.Namespace) -> Any:
         return RewardModelScorer(
             args.model or params.data.model_dir,
             device=args.device or params.score.device,
-            batch_size=args.batch_size or params.score.batch_size,
+            batch_size=params.score.batch_size if args.batch_size is None else args.batch_size,
             fast=_fast_arg(args.fast, params.score.fast),
             clip=not args.no_clip,
         )
@@ -176,7 +239,7 @@ def _scorer(params: Params, args: argparse.Namespace) -> Any:
 def _add_scorer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="model folder (default: data.model_dir)")
     p.add_argument("--device", help="auto | cpu | cuda | ... (default: score.device)")
-    p.add_argument("--batch-size", type=int, help="sequences per forward pass (default: score.batch_size)")
+    p.add_argument("--batch-size", type=positive_int, help="sequences per forward pass (default: score.batch_size)")
     p.add_argument(
         "--fast",
         nargs="?",
@@ -214,7 +277,9 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="records in the input format (JSON array or JSONL)")
     p.add_argument("--output", required=True, help="JSONL: id, group_id, overall, weighted_overall, scores")
     _add_scorer_args(p)
-    p.add_argument("--chunk-size", type=int, default=1024, help="records read and scored at a time (default 1024)")
+    p.add_argument(
+        "--chunk-size", type=positive_int, default=1024, help="records read and scored at a time (default 1024)"
+    )
     p.add_argument("--on-error", choices=["fail", "drop"], help="invalid records: override validate.on_error")
     p.add_argument("--with-input", action="store_true", help="copy each normalised record into its row ('input')")
     p.add_argument("--weights", help="weighted_overall with these weights: accuracy=0.4,feedback=0.2,...")
@@ -236,8 +301,6 @@ def cmd_pairs(params: Params, args: argparse.Namespace) -> None:
         candidates = judged_candidates(validated, judgments, params.rubric)
         source = f"judgments {judgments}"
     min_gap = params.pairs.min_gap if args.min_gap is None else args.min_gap
-    if min_gap < 0:
-        raise FluentRewardError(f"--min-gap must be >= 0, got {min_gap}")
     summary = write_pairs(
         candidates,
         Path(args.output or params.pairs.output),
@@ -254,7 +317,9 @@ def add_pairs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pairs", help="DPO preference pairs (TRL format) within groups, from judgments or model scores")
     p.add_argument("--output", help="pairs JSONL (default: pairs.output); the summary goes to <name>.summary.json")
     p.add_argument("--format", choices=["plain", "conversational"], help="TRL dataset format (default: pairs.format)")
-    p.add_argument("--min-gap", type=float, help="least overall-score gap for a pair (default: pairs.min_gap)")
+    p.add_argument(
+        "--min-gap", type=non_negative_float, help="least overall-score gap for a pair (default: pairs.min_gap)"
+    )
     p.add_argument("--strategy", choices=["all", "best-vs-rest"], default="all", help="which pairs per group")
     p.add_argument("--system-prompt", help="conversational format: a system message to start each prompt")
     p.add_argument("--validated", help="validated records (default: data.validated)")
@@ -292,13 +357,28 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
     from fluent_reward.train import run_train
 
     params = _train_overrides(params, backbone=args.backbone, epochs=args.epochs, seed=args.seed)
+    _check_backbone_fits(params)
     run_train(params, progress=not args.no_progress and sys.stderr.isatty())
+
+
+def _check_backbone_fits(params: Params) -> None:
+    """train.max_length against the backbone's positions, from its config alone: fails at start, not mid-epoch."""
+    from transformers import AutoConfig
+
+    from fluent_reward.config import check_max_length
+    from fluent_reward.model import resolve_backbone
+
+    try:
+        backbone_config = AutoConfig.from_pretrained(resolve_backbone(params.train.backbone))
+    except (OSError, ValueError):
+        return  # an unreadable backbone: the training stage reports it with its own message
+    check_max_length(params.train, backbone_config)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune the reward model on the judgments (split by group, accelerate)")
     p.add_argument("--backbone", help="override train.backbone: a local folder, a packaged backbone or a hub id")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--epochs", type=positive_int, help="override train.epochs")
     p.add_argument("--seed", type=int, help="override train.seed (it also seeds the split)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -354,13 +434,24 @@ def add_cv(sub: argparse._SubParsersAction) -> None:
 REGISTRARS += [add_cv]
 
 
+def _add_common_options(parser: argparse.ArgumentParser, params: Any, verbose: Any) -> None:
+    """--params and -v: accepted before the subcommand and after it (``fluent-reward validate --params P``)."""
+    parser.add_argument("--params", type=Path, default=params, help="settings file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=verbose, help="debug logging")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fluent_reward import __version__
+
     parser = argparse.ArgumentParser(prog="fluent-reward", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="settings file (default: params.yaml)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"fluent-reward {__version__}")
+    _add_common_options(parser, DEFAULT_PARAMS, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in REGISTRARS:
         register(sub)
+    for subparser in sub.choices.values():
+        # SUPPRESS: when absent after the subcommand, the value given before it (or the default) stands.
+        _add_common_options(subparser, argparse.SUPPRESS, argparse.SUPPRESS)
     return parser
 
 
@@ -370,9 +461,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         args.func(params, args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
+    except BrokenPipeError:
+        # `fluent-reward ... | head`: the reader has gone; stop quietly as Unix tools do (128 + SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except FluentRewardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the file system said no (permissions, a missing folder, a file where a folder goes)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: work done so far is saved; rerun to resume", file=sys.stderr)
         return 130

@@ -1,17 +1,22 @@
-"""Typed settings, loaded once from ``params.yaml`` and validated at the edge.
+"""Typed settings, loaded once from ``params.yaml`` (and the rubric file it names) and validated at the edge.
 
-Every default lives in ``params.yaml``; the models below declare types and bounds only, so code and params can
-never disagree about a default. A missing or mistyped key is a clear error naming the key.
+Every default lives in ``params.yaml``; the models below declare types, bounds and a description per setting only,
+so code and params can never disagree about a default. A missing, mistyped, non-finite or out-of-range value is one
+clear error naming the file and the key. The descriptions are the settings' documentation: ``fluent-reward params
+--markdown`` renders them, and the tables in docs/ are generated from them (``settings_doc.py``).
+
+The files are read as YAML 1.2, the way DVC reads and rewrites them (``dvc exp run -S``, ``dvc params diff``): under
+YAML 1.1 (PyYAML) DVC's unquoted ``no`` would turn into the boolean False and ``1e-4`` into a string, so a value
+would change meaning on its way through DVC. Floats must be finite everywhere (``.nan``/``.inf`` are refused).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fluent_reward.errors import FluentRewardError
 
@@ -19,36 +24,48 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite weight, learning rate or gap is refused at load, naming the key.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is blank (it would silently vanish from the judge prompt)")
+    return value
+
+
+# A required text setting that must say something: a blank one would vanish from the judge prompt unnoticed.
+NonBlank = Annotated[str, AfterValidator(_non_blank)]
 
 
 class DataPaths(_Section):
     """Where every stage reads and writes. dvc.yaml reads the same keys through ${data.*} templating."""
 
-    conversations: Path
-    validated: Path
-    judgments: Path
-    judge_cache: Path
-    judge_batches: Path
-    splits: Path
-    model_dir: Path
-    logs_dir: Path
-    validation_metrics: Path
-    judge_metrics: Path
-    train_metrics: Path
-    eval_metrics: Path
-    predictions: Path
+    conversations: Path = Field(description="the input records (JSON array or JSONL; docs/DATA_FORMAT.md)")
+    validated: Path = Field(description="validate's output: the records checked and normalised (JSONL)")
+    judgments: Path = Field(description="judge's output: one judgment per validated record")
+    judge_cache: Path = Field(description="every judgment paid for, append-only (a persisted DVC output)")
+    judge_batches: Path = Field(description="the ledger of Message Batches in flight (batch mode)")
+    splits: Path = Field(description="train / validation / test groups written by train")
+    model_dir: Path = Field(description="the trained reward-model folder")
+    logs_dir: Path = Field(description="JSON-lines logs of training steps")
+    validation_metrics: Path = Field(description="validate's counts (git)")
+    judge_metrics: Path = Field(description="judge's counts, tokens and cost (git)")
+    train_metrics: Path = Field(description="train's time, memory and best epoch (git)")
+    eval_metrics: Path = Field(description="evaluate's agreement metrics on the test split (git)")
+    predictions: Path = Field(description="every record's judge and model scores, CSV (git)")
     test_predictions: Path = Field(description="the test split's rows of `predictions`; the scatter dvc plots draws")
     cv_metrics: Path = Field(
         description="flat metrics of `fluent-reward cv`: means and stds across folds, per fraction"
     )
-    plots_dir: Path
-    report: Path
+    plots_dir: Path = Field(description="evaluate's PNG plots (git)")
+    report: Path = Field(description="evaluate's readable summary, Markdown (git)")
+    criteria_doc: Path = Field(description="the rubric rendered as a document (stage rubric; git)")
 
 
 class Scale(_Section):
-    min: int
-    max: int
+    min: int = Field(description="the worst score a dimension can get")
+    max: int = Field(description="the best score a dimension can get")
 
     @model_validator(mode="after")
     def _ordered(self) -> Scale:
@@ -58,30 +75,55 @@ class Scale(_Section):
 
 
 class Dimension(_Section):
-    description: str
-    anchors: dict[str, str]
+    description: NonBlank = Field(description="what the dimension measures, in the judge's words (part of the prompt)")
+    anchors: dict[str, str] = Field(
+        default_factory=dict,
+        description="integer score on the scale -> what a reply at that score looks like (part of the judge prompt); "
+        "needed when the judge is asked, optional when every record has an imported judgment",
+    )
+
+    @field_validator("anchors", mode="before")
+    @classmethod
+    def _integer_keys(cls, value: Any) -> Any:
+        # YAML gives `1:` as an integer key and `"1":` as a string: both name the score 1.
+        if isinstance(value, Mapping):
+            return {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in value.items()}
+        return value
+
+    @field_validator("anchors")
+    @classmethod
+    def _non_blank_anchors(cls, value: dict[str, str]) -> dict[str, str]:
+        for score, text in value.items():
+            if not text.strip():
+                raise ValueError(f"anchor '{score}' is blank (it would vanish from the judge prompt)")
+        return value
 
 
 class Rubric(_Section):
-    """The judging rubric: one source of truth for the judge prompt, the docs and the model heads."""
+    """The judging rubric (``rubric.yaml``): one source of truth for the judge prompt, the docs and the model heads."""
 
-    version: str
-    scale: Scale
-    weights: dict[str, float]
-    dimensions: dict[str, Dimension]
+    version: NonBlank = Field(description="your label for this rubric text; bump it when you change the text")
+    scale: Scale = Field(description="the integer scale of every dimension")
+    weights: dict[str, float] = Field(
+        description="dimension -> weight of the overall score (a weighted mean, computed by code; never re-judges)"
+    )
+    dimensions: dict[str, Dimension] = Field(
+        min_length=1, description="dimension name -> description and anchors, in the order of the model's outputs"
+    )
 
     @model_validator(mode="after")
     def _weights_match_dimensions(self) -> Rubric:
         if set(self.weights) != set(self.dimensions):
-            raise ValueError(
-                f"rubric.weights keys {sorted(self.weights)} must equal rubric.dimensions {sorted(self.dimensions)}"
-            )
+            raise ValueError(f"weights keys {sorted(self.weights)} must equal the dimensions {sorted(self.dimensions)}")
         if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
-            raise ValueError("rubric.weights must be non-negative and not all zero")
+            raise ValueError("weights must be non-negative and not all zero")
         for name, dim in self.dimensions.items():
             for anchor in dim.anchors:
-                if not anchor.isdigit() or not self.scale.min <= int(anchor) <= self.scale.max:
-                    raise ValueError(f"rubric.dimensions.{name}.anchors: '{anchor}' is not a score on the scale")
+                if not anchor.lstrip("-").isdigit() or not self.scale.min <= int(anchor) <= self.scale.max:
+                    raise ValueError(
+                        f"dimensions.{name}.anchors: '{anchor}' is not an integer score on the scale "
+                        f"{self.scale.min}..{self.scale.max}"
+                    )
         return self
 
     @property
@@ -95,41 +137,55 @@ class Rubric(_Section):
         total = sum(weights[name] for name in self.names)
         return sum(weights[name] * float(scores[name]) for name in self.names) / total
 
+    def missing_anchors(self) -> list[str]:
+        """Dimensions without anchors: the judge cannot be asked about them (imported judgments only)."""
+        return [name for name in self.names if not self.dimensions[name].anchors]
+
 
 class ValidateConfig(_Section):
-    on_error: Literal["fail", "drop"]
-    max_chars: int = Field(gt=0)
-    max_problems_shown: int = Field(gt=0)
+    on_error: Literal["fail", "drop"] = Field(
+        description="fail: exit 2 and list the problems; drop: write the valid records and count the rest"
+    )
+    max_chars: int = Field(gt=0, description="longest allowed context, student_message or tutor_response (characters)")
+    max_problems_shown: int = Field(gt=0, description="problems listed in the error message (all are counted)")
+    group_by: Literal["conversation_id", "content"] = Field(
+        description="what makes a group (the replies split together): conversation_id, else the context + student "
+        "message; content: always the context + student message, whatever the ids say"
+    )
 
 
 class Price(_Section):
     """USD per million tokens (standard tier). The SDK carries no prices: keep this table current."""
 
-    input: float = Field(ge=0)
-    output: float = Field(ge=0)
-    cache_write: float = Field(ge=0)
-    cache_read: float = Field(ge=0)
+    input: float = Field(ge=0, description="USD per million input tokens")
+    output: float = Field(ge=0, description="USD per million output tokens")
+    cache_write: float = Field(ge=0, description="USD per million tokens written to the prompt cache")
+    cache_read: float = Field(ge=0, description="USD per million tokens read from the prompt cache")
 
 
 class JudgeConfig(_Section):
-    model: str
-    mode: Literal["messages", "batch"]
-    samples: int = Field(ge=1)
-    max_tokens: int = Field(gt=0, le=21333)
-    reference: list[Path]
-    max_concurrency: int = Field(ge=1)
-    sdk_max_retries: int = Field(ge=0)
-    rate_limit_max_wait_s: float = Field(ge=0)
-    timeout_s: float = Field(gt=0)
-    invalid_output_retries: int = Field(ge=0)
-    max_failures: int = Field(ge=0)
-    max_budget_usd: float | None = Field(default=None, gt=0)
-    prompt_cache_ttl: Literal["5m", "1h"]
-    batch_max_requests: int = Field(ge=1, le=100_000)
-    batch_poll_interval_s: float = Field(gt=0)
-    batch_max_resubmits: int = Field(ge=0)
-    batch_discount: float = Field(gt=0, le=1)
-    prices: dict[str, Price]
+    model: str = Field(min_length=1, description="the Claude model that judges")
+    mode: Literal["messages", "batch"] = Field(
+        description="messages: concurrent requests; batch: Message Batches API (half price, up to 24 h)"
+    )
+    samples: int = Field(ge=1, description="independent judgments per record, averaged; >= 2 measures test-retest")
+    max_tokens: int = Field(gt=0, le=21333, description="output token limit per judge call")
+    reference: list[Path] = Field(description="files of judgments supplied by you (by id or content), never sent")
+    max_concurrency: int = Field(ge=1, description="requests in flight at once (messages mode)")
+    sdk_max_retries: int = Field(ge=0, description="the SDK's own retries (429, 529, 5xx, connection errors)")
+    rate_limit_max_wait_s: float = Field(ge=0, description="our bounded extra wait on rate limits, in seconds")
+    timeout_s: float = Field(gt=0, description="per-request timeout, in seconds")
+    invalid_output_retries: int = Field(ge=0, description="re-asks when a reply is not a valid judgment")
+    max_failures: int = Field(ge=0, description="more failed records than this ends the run with a non-zero exit")
+    max_budget_usd: float | None = Field(
+        default=None, gt=0, description="stop cleanly before spending more than this (null: no limit)"
+    )
+    prompt_cache_ttl: Literal["5m", "1h"] = Field(description="prompt caching of the rubric system prompt")
+    batch_max_requests: int = Field(ge=1, le=100_000, description="requests per Message Batch")
+    batch_poll_interval_s: float = Field(gt=0, description="seconds between polls of a batch's status")
+    batch_max_resubmits: int = Field(ge=0, description="how often errored or expired batch requests are resubmitted")
+    batch_discount: float = Field(gt=0, le=1, description="fraction of the standard price that batches cost")
+    prices: dict[str, Price] = Field(description="model -> USD per million tokens (the SDK has none)")
 
     def price(self) -> Price:
         if self.model not in self.prices:
@@ -140,9 +196,9 @@ class JudgeConfig(_Section):
 
 
 class SplitRatios(_Section):
-    train: float = Field(gt=0)
-    validation: float = Field(gt=0)
-    test: float = Field(gt=0)
+    train: float = Field(gt=0, description="fraction of groups trained on")
+    validation: float = Field(gt=0, description="fraction of groups for early stopping")
+    test: float = Field(gt=0, description="fraction of groups for the reported metrics only")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitRatios:
@@ -152,34 +208,38 @@ class SplitRatios(_Section):
 
 
 class TrainConfig(_Section):
-    backbone: str
-    max_length: int = Field(ge=32)
+    backbone: str = Field(
+        min_length=1, description="a packaged backbone (the default), a local model folder, or a hub id"
+    )
+    max_length: int = Field(ge=32, description="tokens per input; longer inputs lose context turns (keep_first_turns)")
     keep_first_turns: int = Field(
         ge=0,
         description="context turns kept from the start when an input exceeds max_length (the problem statement, the "
         "first attempt); the latest turns fill the rest and the middle is dropped. 0: drop the oldest turns first",
     )
-    loss: Literal["mse", "huber"]
-    huber_delta: float = Field(gt=0)
-    pairwise_weight: float = Field(ge=0)
-    pairwise_margin_scale: float = Field(ge=0)
-    split: SplitRatios
-    seed: int
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    grad_accum_steps: int = Field(ge=1)
-    lr: float = Field(gt=0)
-    head_lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
-    warmup_ratio: float = Field(ge=0, lt=1)
+    loss: Literal["mse", "huber"] = Field(description="pointwise loss on standardised targets")
+    huber_delta: float = Field(gt=0, description="the Huber loss's delta (standard units)")
+    pairwise_weight: float = Field(ge=0, description="weight of the Bradley-Terry term (0: pointwise only)")
+    pairwise_margin_scale: float = Field(ge=0, description="margin = scale x judge gap, in standard units (0: none)")
+    split: SplitRatios = Field(description="fractions of groups; whole groups, seeded, stratified by language")
+    seed: int = Field(description="seeds everything: Python, NumPy, torch, the split and the batch order")
+    epochs: int = Field(ge=1, description="at most this many epochs")
+    batch_size: int = Field(ge=1, description="replies per micro-batch (whole groups)")
+    grad_accum_steps: int = Field(ge=1, description="micro-batches per optimiser step")
+    lr: float = Field(gt=0, description="AdamW learning rate of the encoder")
+    head_lr: float = Field(gt=0, description="AdamW learning rate of the new regression head")
+    weight_decay: float = Field(ge=0, description="AdamW weight decay (none on biases and LayerNorms)")
+    warmup_ratio: float = Field(ge=0, lt=1, description="fraction of optimiser steps of linear warm-up")
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = Field(
         description="no | fp16 (CUDA) | bf16 | auto: bf16 where the CPU/GPU has native bf16, else fp32 (logged)"
     )
-    early_stopping_patience: int = Field(ge=1)
-    num_threads: int = Field(ge=0, description="torch CPU threads (0: the CPUs this process may use / processes)")
-    max_grad_norm: float = Field(ge=0)
-    freeze_embeddings: bool
-    freeze_layers: int = Field(ge=0)
+    early_stopping_patience: int = Field(ge=1, description="epochs without a better validation Spearman before stop")
+    num_threads: int = Field(
+        ge=0, description="torch CPU threads (0: the CPUs this process may use / processes); restored afterwards"
+    )
+    max_grad_norm: float = Field(ge=0, description="gradient clipping norm (0: off)")
+    freeze_embeddings: bool = Field(description="freeze the token and position embeddings")
+    freeze_layers: int = Field(ge=0, description="freeze the lowest N transformer layers (0: train all)")
     frozen_cache: bool = Field(
         description="with frozen embeddings: compute the frozen layers once per example and train only the rest"
     )
@@ -193,13 +253,19 @@ class TrainConfig(_Section):
         ge=1, description="batches' worth of whole groups sorted by length together (more: less padding)"
     )
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _false_means_no(cls, value: object) -> object:
+        # accelerate's "no" is YAML 1.1's boolean False: a file written or read by a YAML 1.1 tool says False.
+        return "no" if value is False else value
+
 
 class EvaluateConfig(_Section):
-    min_gap: float = Field(ge=0)
-    bootstrap_samples: int = Field(ge=100)
-    seed: int
-    min_language_records: int = Field(ge=2)
-    batch_size: int = Field(ge=1)
+    min_gap: float = Field(ge=0, description="pairs whose judge overall scores differ by less are not ordered pairs")
+    bootstrap_samples: int = Field(ge=100, description="cluster-bootstrap resamples for Spearman's 95% interval")
+    seed: int = Field(description="seeds the bootstrap")
+    min_language_records: int = Field(ge=2, description="least test replies for a per-language Spearman")
+    batch_size: int = Field(ge=1, description="sequences per forward pass when scoring")
 
 
 class CvConfig(_Section):
@@ -223,43 +289,103 @@ class CvConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    batch_size: int = Field(ge=1)
-    fast: bool
-    device: str
+    batch_size: int = Field(ge=1, description="sequences per forward pass")
+    fast: bool = Field(description="the fast CPU path (bf16 where the CPU has it, else int8)")
+    device: str = Field(min_length=1, description="auto, cpu, cuda, cuda:1, mps, ...")
 
 
 class PairsConfig(_Section):
-    min_gap: float = Field(ge=0)
-    format: Literal["plain", "conversational"]
-    output: Path
+    min_gap: float = Field(ge=0, description="least overall-score gap for a preference pair")
+    format: Literal["plain", "conversational"] = Field(description="TRL's two dataset formats")
+    output: Path = Field(description="the pairs JSONL (its summary goes beside it)")
 
 
 class Params(_Section):
-    data: DataPaths
-    rubric: Rubric
-    validate_: ValidateConfig = Field(alias="validate")
-    judge: JudgeConfig
-    train: TrainConfig
-    evaluate: EvaluateConfig
-    cv: CvConfig
-    score: ScoreConfig
-    pairs: PairsConfig
+    data: DataPaths = Field(description="file locations shared by the stages")
+    rubric: Rubric = Field(description="the judging rubric (its own file, rubric.yaml, named by params.yaml)")
+    validate_: ValidateConfig = Field(alias="validate", description="the validate stage")
+    judge: JudgeConfig = Field(description="the judge stage")
+    train: TrainConfig = Field(description="the train stage")
+    evaluate: EvaluateConfig = Field(description="the evaluate stage")
+    cv: CvConfig = Field(description="fluent-reward cv: grouped K-fold cross-validation and the learning curve")
+    score: ScoreConfig = Field(description="fluent-reward score and RewardModelScorer defaults")
+    pairs: PairsConfig = Field(description="fluent-reward pairs")
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Read and validate ``params.yaml``; any problem is a FluentRewardError naming the file and key."""
+    """Read and validate ``params.yaml`` and its rubric file; any problem is a FluentRewardError naming file and key.
+
+    ``rubric:`` in params.yaml is the path of the rubric file, relative to params.yaml (the pipeline's layout, so
+    DVC tracks the rubric's keys in their own file), or the rubric itself as a mapping (handy for one-off files).
+    """
     path = Path(path)
     if not path.is_file():
         raise FluentRewardError(f"{path}: params file not found (pass --params PATH)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise FluentRewardError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise FluentRewardError(f"{path}: expected a mapping of sections (data, validate, judge, ...)")
+    rubric_file = None
+    if isinstance(raw.get("rubric"), str):
+        rubric_file = path.parent / raw["rubric"]
+        if not rubric_file.is_file():
+            raise FluentRewardError(f"{path}: rubric: file {rubric_file} not found")
+        raw = {**raw, "rubric": read_yaml(rubric_file)}
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']).replace('validate_', 'validate')}: {err['msg']}"
-            for err in exc.errors()
+        raise FluentRewardError(_settings_problems(path, rubric_file, exc)) from None
+
+
+def _settings_problems(path: Path, rubric_file: Path | None, exc: ValidationError) -> str:
+    """One line naming each bad key: ``params.yaml: invalid settings: train.lr: Input should be ...``."""
+    by_file: dict[Path, list[str]] = {}
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        if loc[:1] == ["validate_"]:
+            loc[0] = "validate"
+        where = path
+        if rubric_file is not None and loc[:1] == ["rubric"]:
+            where, loc = rubric_file, loc[1:]
+        message = err["msg"].removeprefix("Value error, ")
+        by_file.setdefault(where, []).append(f"{'.'.join(loc)}: {message}" if loc else message)
+    return "; ".join(f"{file}: invalid settings: {'; '.join(problems)}" for file, problems in by_file.items())
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file as DVC reads it (YAML 1.2, ruamel); bad bytes or syntax are a FluentRewardError naming the spot."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise FluentRewardError(
+            f"{path}: not UTF-8: byte 0x{data[exc.start]:02x} at line {line} (save the file as UTF-8)"
+        ) from None
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:
+        raise FluentRewardError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+# Models whose position ids start after the padding index (fairseq's convention): fewer usable positions.
+_PADDING_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "data2vec-text")
+
+
+def check_max_length(train: TrainConfig, backbone_config: Any) -> None:
+    """Refuse ``train.max_length`` above what the backbone can embed: at train start, not mid-epoch.
+
+    ``backbone_config`` is the backbone's transformers config (``AutoConfig``; only its position count is read).
+    """
+    positions = getattr(backbone_config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return  # e.g. relative-position models: no fixed limit
+    if getattr(backbone_config, "model_type", "") in _PADDING_OFFSET_MODELS:
+        positions -= (getattr(backbone_config, "pad_token_id", None) or 0) + 1
+    if train.max_length > positions:
+        raise FluentRewardError(
+            f"train.max_length={train.max_length} is more than the backbone '{train.backbone}' can take "
+            f"({positions} positions); set train.max_length to at most {positions}"
         )
-        raise FluentRewardError(f"{path}: invalid settings: {problems}") from None

@@ -18,7 +18,7 @@ from typing import Any
 
 from fluent_reward.config import Rubric, ValidateConfig
 from fluent_reward.errors import FluentRewardError
-from fluent_reward.io import atomic_open, iter_jsonl, read_json, stable_hash, write_json
+from fluent_reward.io import atomic_open, iter_jsonl, read_json_file, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ OPTIONAL_FIELDS = ("id", "conversation_id", "language", "metadata")
 # metrics/validation.json lists at most this many dropped records (all are counted), to stay small in git.
 MAX_DROPPED_LISTED = 1000
 KNOWN_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
+# Python's parser recurses once per nesting level; records are objects of strings, so depth is never legitimate.
+TOO_DEEP = "JSON nested too deeply to parse (records are objects of strings; is this the right file?)"
 # C0 controls other than tab, newline and carriage return, plus DEL: never legitimate in chat text.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -163,6 +165,8 @@ def iter_raw_records(path: Path, problems: list[Problem]) -> Iterator[tuple[int,
                 problems.append(
                     Problem("not_json", str(path), f"not valid JSON: {exc.msg} at column {exc.colno}", number)
                 )
+            except RecursionError:
+                problems.append(Problem("not_json", str(path), TOO_DEEP, number))
 
 
 def _load_json_array(path: Path) -> list[Any]:
@@ -176,6 +180,8 @@ def _load_json_array(path: Path) -> list[Any]:
         raise FluentRewardError(f"{path}: file is empty; expected a JSON array of records or JSONL")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise FluentRewardError(f"{path}: {TOO_DEEP}") from None
     except json.JSONDecodeError as exc:
         line, col = _line_col(text, exc.pos)
         hint = " (mixed JSON and JSONL? use one JSON array or one object per line)" if text.lstrip()[:1] == "{" else ""
@@ -249,11 +255,16 @@ def _check_text(name: str, value: Any, cfg: ValidateConfig) -> list[tuple[str, s
     return []
 
 
-def normalise(record: dict[str, Any]) -> dict[str, Any]:
-    """The validated form of a record: stable string ``id``, ``group_id``, and the original fields."""
+def normalise(record: dict[str, Any], group_by: str = "conversation_id") -> dict[str, Any]:
+    """The validated form of a record: stable string ``id``, ``group_id``, and the original fields.
+
+    The group is the ``conversation_id`` when given (``group_by: conversation_id``), else, or always with
+    ``group_by: content``, a hash of the context and student message: the replies to one exchange.
+    """
     context, student, response = (record[f] for f in REQUIRED_FIELDS)
     record_id = str(record["id"]) if record.get("id") is not None else content_id(context, student, response)
-    group_id = str(record["conversation_id"]) if record.get("conversation_id") else group_key(context, student)
+    by_id = group_by == "conversation_id" and record.get("conversation_id")
+    group_id = str(record["conversation_id"]) if by_id else group_key(context, student)
     out: dict[str, Any] = {"id": record_id, "group_id": group_id}
     out.update({name: record[name] for name in REQUIRED_FIELDS})
     for name in ("conversation_id", "language", "metadata"):
@@ -281,21 +292,24 @@ def validate_file(path: Path, cfg: ValidateConfig) -> tuple[Iterator[dict[str, A
 
 
 def _validated(path: Path, cfg: ValidateConfig, report: ValidationReport) -> Iterator[dict[str, Any]]:
-    seen_ids: dict[bytes, int] = {}
-    seen_content: dict[bytes, int] = {}
+    seen = _Seen(cfg.group_by)
     file = str(path)
     for number, record in iter_raw_records(path, report.problems):
         report.records_read += 1
         record_id = _display_id(record)
         found = check_record(record, cfg)
         if not found:
-            found = _check_unknown_and_duplicates(record, number, seen_ids, seen_content, report, file)
+            _warn_unknown_fields(record, number, report, file)
+            found = seen.duplicates(record, number)
         if found:
             for kind, field_name, message in found:
                 report.problems.append(Problem(kind, file, message, number, record_id, field_name))
             report.drop(number, record_id, sorted({k for k, _, _ in found}))
             continue
-        row = normalise(record)
+        row = normalise(record, cfg.group_by)
+        conflict = seen.group_conflict(row, number)
+        if conflict:
+            report.warnings.append(Problem("group_conflict", file, conflict, number, record_id, "conversation_id"))
         report.records_valid += 1
         report.groups.add(row["group_id"])
         report.languages[row.get("language", "unknown")] += 1
@@ -313,36 +327,56 @@ def _display_id(record: Any) -> str | None:
     return None
 
 
-def _check_unknown_and_duplicates(
-    record: dict[str, Any],
-    number: int,
-    seen_ids: dict[bytes, int],
-    seen_content: dict[bytes, int],
-    report: ValidationReport,
-    file: str,
-) -> list[tuple[str, str | None, str]]:
+def _warn_unknown_fields(record: dict[str, Any], number: int, report: ValidationReport, file: str) -> None:
     for name in sorted(set(record) - KNOWN_FIELDS):
         report.warnings.append(
             Problem("unknown_field", file, "unknown field, ignored", number, _display_id(record), name)
         )
-    content = _digest(*(record[f] for f in REQUIRED_FIELDS))
-    if content in seen_content:
-        return [
-            (
-                "duplicate_record",
-                None,
-                f"same context, student_message and tutor_response as record {seen_content[content]}",
-            )
-        ]
-    found: list[tuple[str, str | None, str]] = []
-    row_id = normalise(record)["id"]
-    key = _digest(row_id)
-    if key in seen_ids:
-        found.append(("duplicate_id", "id", f"duplicate id '{row_id}' (first used by record {seen_ids[key]})"))
-    else:
-        seen_ids[key] = number
-    seen_content[content] = number
-    return found
+
+
+_GROUP_HINT = (
+    "one exchange in two groups can land in both the train and the test split; "
+    "set validate.group_by: content to group records by their context and student message"
+)
+
+
+@dataclass
+class _Seen:
+    """What earlier records looked like, as small digests: duplicate ids and records, and split exchanges."""
+
+    group_by: str
+    ids: dict[bytes, int] = field(default_factory=dict)
+    records: dict[bytes, tuple[int, str | None]] = field(default_factory=dict)  # -> (record, conversation_id)
+    exchanges: dict[bytes, tuple[int, str]] = field(default_factory=dict)  # context + student -> (record, group)
+
+    def duplicates(self, record: dict[str, Any], number: int) -> list[tuple[str, str | None, str]]:
+        content = _digest(*(record[f] for f in REQUIRED_FIELDS))
+        conversation = record.get("conversation_id")
+        if content in self.records:
+            first, first_conversation = self.records[content]
+            message = f"same context, student_message and tutor_response as record {first}"
+            if first_conversation != conversation:
+                message += f" but another conversation_id ({first_conversation!r} there, {conversation!r} here): "
+                message += _GROUP_HINT if self.group_by == "conversation_id" else "keep one of them"
+            return [("duplicate_record", None, message)]
+        self.records[content] = (number, conversation)
+        row_id = normalise(record)["id"]
+        key = _digest(row_id)
+        if key in self.ids:
+            return [("duplicate_id", "id", f"duplicate id '{row_id}' (first used by record {self.ids[key]})")]
+        self.ids[key] = number
+        return []
+
+    def group_conflict(self, row: dict[str, Any], number: int) -> str | None:
+        """A message when this exchange (context + student message) already appeared in another group."""
+        exchange = _digest(row["context"], row["student_message"])
+        first, group = self.exchanges.setdefault(exchange, (number, row["group_id"]))
+        if group == row["group_id"]:
+            return None
+        return (
+            f"same context and student_message as record {first}, but in group {group!r} there and "
+            f"{row['group_id']!r} here: {_GROUP_HINT}"
+        )
 
 
 def run_validate(source: Path, output: Path, metrics_path: Path, cfg: ValidateConfig) -> ValidationReport:
@@ -400,33 +434,20 @@ def load_judged_records(
     """The validated records, in file order, each with ``scores`` (per dimension) and ``overall`` from the judge.
 
     Fails with a message saying what to rerun when the judgments were made with other dimensions or another scale
-    than ``rubric``, or when a record has no judgment; with ``skip_unjudged`` such records are left out with a
-    warning instead (the judge may have failed on a few: pairs can do without them, training cannot).
+    than ``rubric``, when the file is damaged (not JSON, an entry without id or with a score that is missing,
+    not finite or off the scale), or when a record has no judgment; with ``skip_unjudged`` such records are left
+    out with a warning instead (the judge may have failed on a few: pairs can do without them, training cannot).
     """
     for path, stage in ((validated, "validate"), (judgments, "judge")):
         if not Path(path).is_file():
             raise FluentRewardError(f"{path}: not found (run `fluent-reward {stage}` or `dvc repro`)")
-    doc = read_json(judgments)
-    dims = doc.get("dimensions") or rubric.names
-    if list(dims) != rubric.names:
-        raise FluentRewardError(
-            f"{judgments}: judged on dimensions {list(dims)} but rubric.dimensions is {rubric.names}; "
-            "rerun `fluent-reward judge`"
-        )
-    scale = doc.get("scale")
-    if scale and (scale.get("min"), scale.get("max")) != (rubric.scale.min, rubric.scale.max):
-        raise FluentRewardError(
-            f"{judgments}: judged on scale {scale} but rubric.scale is {rubric.scale.model_dump()}; "
-            "rerun `fluent-reward judge`"
-        )
-    by_id = {j["id"]: j for j in doc.get("judgments", [])}
+    by_id = _judgment_scores_by_id(Path(judgments), rubric)
     records, missing = [], []
     for row in iter_jsonl(validated):
-        judgment = by_id.get(row["id"])
-        if judgment is None:
-            missing.append(row["id"])
+        scores = by_id.get(str(row.get("id")))
+        if scores is None:
+            missing.append(row.get("id"))
             continue
-        scores = {name: float(judgment["scores"][name]) for name in rubric.names}
         records.append({**row, "scores": scores, "overall": rubric.overall(scores)})
     if missing and skip_unjudged:
         log.warning("%d validated records have no judgment in %s; left out", len(missing), judgments)
@@ -438,3 +459,44 @@ def load_judged_records(
     if not records:
         raise FluentRewardError(f"{validated}: no records to train on")
     return records
+
+
+_RERUN_JUDGE = "rerun `fluent-reward judge`"
+
+
+def _judgment_scores_by_id(judgments: Path, rubric: Rubric) -> dict[str, dict[str, float]]:
+    """Every judgment's scores by record id, checked against the rubric (a damaged file is a clear error)."""
+    doc = read_json_file(judgments, f"expected the judge stage's judgments ({_RERUN_JUDGE})")
+    if not isinstance(doc, dict) or not isinstance(doc.get("judgments"), list):
+        raise FluentRewardError(f'{judgments}: expected an object with a "judgments" list ({_RERUN_JUDGE})')
+    dims = doc.get("dimensions") or rubric.names
+    if list(dims) != rubric.names:
+        raise FluentRewardError(
+            f"{judgments}: judged on dimensions {list(dims)} but the rubric's dimensions are {rubric.names}; "
+            + _RERUN_JUDGE
+        )
+    scale = doc.get("scale")
+    if isinstance(scale, dict) and (scale.get("min"), scale.get("max")) != (rubric.scale.min, rubric.scale.max):
+        raise FluentRewardError(
+            f"{judgments}: judged on scale {scale} but rubric.scale is {rubric.scale.model_dump()}; {_RERUN_JUDGE}"
+        )
+    by_id = {}
+    for number, entry in enumerate(doc["judgments"], start=1):
+        where = f"{judgments}: judgment {number}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str | int) or isinstance(entry["id"], bool):
+            raise FluentRewardError(f'{where}: expected an object with an "id" and "scores" ({_RERUN_JUDGE})')
+        by_id[str(entry["id"])] = _checked_scores(f"{where} (id={entry['id']})", entry.get("scores"), rubric)
+    return by_id
+
+
+def _checked_scores(where: str, scores: Any, rubric: Rubric) -> dict[str, float]:
+    lo, hi = rubric.scale.min, rubric.scale.max
+    if not isinstance(scores, dict):
+        raise FluentRewardError(f'{where}: "scores" must be an object with a score per dimension ({_RERUN_JUDGE})')
+    for name in rubric.names:
+        value = scores.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise FluentRewardError(
+                f"{where}: score {name}={value!r} is not a number on the scale {lo}..{hi} ({_RERUN_JUDGE})"
+            )
+    return {name: float(scores[name]) for name in rubric.names}

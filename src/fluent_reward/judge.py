@@ -41,6 +41,7 @@ from fluent_reward.rubric import (
     prompt_version,
     render_system_prompt,
     render_user_message,
+    require_anchors,
     tool_definition,
 )
 
@@ -1407,6 +1408,7 @@ def run_judge(
     if dry_run:
         cache = JudgeCache(paths.judge_cache)
         plan = make_plan(records, reference, cache.load(), prompt, cfg.samples)
+        require_anchors(rubric, plan.records_to_judge())
         estimate = _dry_run(plan, prompt, cfg, rubric, cache.entries, key, base_url, factory)
         log.info(
             "dry run: %d calls; messages $%.2f, batch $%.2f", estimate.calls, estimate.messages_usd, estimate.batch_usd
@@ -1509,6 +1511,7 @@ def _judge(
 ) -> JudgeSummary:
     cfg, rubric, paths = params.judge, params.rubric, params.data
     plan = make_plan(records, reference, cache.load(), prompt, cfg.samples)
+    require_anchors(rubric, plan.records_to_judge())
     ledger = BatchLedger(paths.judge_batches)
     needs_api = bool(plan.units) or bool(ledger.open_batches() or ledger.data.get("submitting"))
     if needs_api and key is None:

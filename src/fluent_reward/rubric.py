@@ -1,4 +1,4 @@
-"""The judge prompt and ``docs/JUDGING_CRITERIA.md``, both rendered from ``params.yaml: rubric``.
+"""The judge prompt and ``docs/JUDGING_CRITERIA.md``, both rendered from the rubric (``rubric.yaml``).
 
 The rubric text (names, descriptions, anchors, scale) is the one source of truth: the system prompt, the forced-tool
 schema and the criteria document are pure functions of it. ``prompt_version`` hashes exactly what is sent to the
@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fluent_reward.config import Rubric
+from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import stable_hash
 
 TOOL_NAME = "record_judgment"
@@ -66,6 +67,20 @@ def render_user_message(record: Mapping[str, Any]) -> str:
         tutor_response=neutralise_tags(record["tutor_response"]),
         tool=TOOL_NAME,
     )
+
+
+def require_anchors(rubric: Rubric, records_to_judge: int) -> None:
+    """The judge is asked only with a complete rubric: every dimension needs anchors once a prompt is to be sent.
+
+    A rubric whose scores all come from imported judgments (``judge.reference``) needs no anchors.
+    """
+    missing = rubric.missing_anchors()
+    if records_to_judge and missing:
+        raise FluentRewardError(
+            f"{records_to_judge} records have no supplied judgment and need the judge, but the rubric's dimensions "
+            f"{', '.join(missing)} have no anchors: add anchors (integer scores on the scale) in the rubric file, "
+            "or supply those records' judgments in judge.reference"
+        )
 
 
 def _anchor_lines(rubric: Rubric, name: str) -> list[str]:
@@ -165,7 +180,7 @@ def render_criteria_doc(rubric: Rubric) -> str:
     lines = [
         "# Judging criteria",
         "",
-        "<!-- Generated from params.yaml (rubric) by `fluent-reward rubric --write-docs`; do not edit by hand. -->",
+        "<!-- Generated from rubric.yaml by `fluent-reward rubric --write-docs`; do not edit by hand. -->",
         "",
         f"Rubric version **{rubric.version}**, judge prompt version **{prompt_version(rubric)}**. Every tutor reply "
         f"is scored on {len(rubric.names)} dimensions, each an integer from {lo} (worst) to {hi} (best). The judge "
@@ -182,7 +197,9 @@ def render_criteria_doc(rubric: Rubric) -> str:
     for name in rubric.names:
         lines += ["", f"## `{name}`", "", " ".join(rubric.dimensions[name].description.split()), ""]
         anchors = rubric.dimensions[name].anchors
-        lines += [f"- **{score}**: {anchors[score]}" for score in sorted(anchors, key=int)]
+        lines += [f"- **{score}**: {anchors[score]}" for score in sorted(anchors, key=int)] or [
+            "No anchors: this dimension's scores are imported (`judge.reference`); the judge cannot be asked."
+        ]
     terms = " + ".join(f"{rubric.weights[n]:g}·{n}" for n in rubric.names)
     lines += [
         "",
@@ -197,7 +214,8 @@ def render_criteria_doc(rubric: Rubric) -> str:
         "",
         "## Changing the rubric",
         "",
-        "Everything above lives in `params.yaml` under `rubric:`; this file and the judge prompt are rendered from it.",
+        "Everything above lives in `rubric.yaml` (the file named by `rubric:` in `params.yaml`); this file and the "
+        "judge prompt are rendered from it.",
         "",
         "- **Weights** (`rubric.weights`): not part of the judge prompt, so changing one never re-judges; only the "
         "stages that combine scores (training targets, evaluation) rerun.",
@@ -205,8 +223,10 @@ def render_criteria_doc(rubric: Rubric) -> str:
         "prompt, so the prompt version changes and every record is judged again (judgments of the old version stay "
         "in the cache and are reused if you change the text back). Bump `rubric.version` to say so.",
         "- **Adding or removing a dimension** also changes the reward model's outputs: retrain.",
-        "- After an edit, run `fluent-reward rubric --write-docs` to regenerate this file (a test checks that it is "
-        "up to date), then `dvc repro`.",
+        "- After an edit, `dvc repro` regenerates this file (stage `rubric`) and reruns what the change affects; "
+        "without DVC, `fluent-reward rubric --write-docs`. `make test` checks that it matches the rubric "
+        "(`fluent-reward rubric --check`).",
+        "- Writing a rubric of your own, with or without imported ratings: [YOUR_RUBRIC.md](YOUR_RUBRIC.md).",
         "",
         "Reference or imported judgments (`judge.reference`) must give every dimension a score on the scale; they "
         "are used as they are and not re-judged when the prompt changes.",
