@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import fluent_reward.judge as judge
+import fluent_reward.judge.client as judge_client
 from fluent_reward.config import load_params
-from fluent_reward.judge import InvalidOutput, parse_judgment, run_judge
-from tests.conftest import judge_records
+from fluent_reward.judge import InvalidOutput, exclusive_lock, parse_judgment, run_judge
+from tests.conftest import judge_records, strict_client
 from tests.fake_anthropic import API_KEY
 
 DIMS = ("accuracy", "feedback", "engagement", "personalization", "clarity", "encouragement")
@@ -147,7 +147,7 @@ def test_timeouts_on_slow_responses_are_retried(judge_project, fake_api):
 
 
 def test_retry_after_is_capped_and_our_wait_is_bounded(judge_project, fake_api, monkeypatch):
-    monkeypatch.setattr(judge, "SDK_RETRY_AFTER_CAP_S", 0.05)
+    monkeypatch.setattr(judge_client, "SDK_RETRY_AFTER_CAP_S", 0.05)
     judge_project.set_judge(sdk_max_retries=1, rate_limit_max_wait_s=0.3, max_concurrency=1)
     fake_api.add_fault("429", times=3, retry_after=3600, match="respuesta r0000")
     fake_api.add_fault("429", times=100, retry_after=3600, match="respuesta r0001")
@@ -303,7 +303,7 @@ def test_dry_run_spends_nothing_and_estimates_what_is_paid(judge_project, fake_a
     assert {r.path for r in fake_api.requests} == {"/v1/messages/count_tokens"}
     assert len(fake_api.requests) <= 3  # many records per count request
     assert not judge_project.data["judge_cache"].exists() and not judge_project.data["judgments"].exists()
-    estimate = run_judge(load_params(judge_project.params_path), dry_run=True).estimate
+    estimate = run_judge(load_params(judge_project.params_path), dry_run=True, client_factory=strict_client).estimate
     assert judge_project.run() == 0
     metrics = judge_project.metrics()
     paid_input = sum(metrics[k] for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
@@ -331,7 +331,7 @@ def test_dry_run_without_key_uses_a_stated_local_estimate(judge_project, fake_ap
     assert judge_project.run("--dry-run") == 0
     assert "local estimate, 3.5 characters per token" in capsys.readouterr().out
     assert fake_api.requests == []
-    estimate = run_judge(load_params(judge_project.params_path), dry_run=True).estimate
+    estimate = run_judge(load_params(judge_project.params_path), dry_run=True, client_factory=strict_client).estimate
     monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
     assert judge_project.run() == 0
     metrics = judge_project.metrics()
@@ -460,10 +460,10 @@ def test_complete_entry_missing_only_its_newline_is_kept(judge_project, fake_api
 @pytest.mark.parametrize("mode", ["messages", "batch"])
 def test_progress_bar_runs(judge_project, fake_api, mode):
     judge_project.set_judge(mode=mode)
-    summary = run_judge(load_params(judge_project.params_path), show_progress=True)
+    summary = run_judge(load_params(judge_project.params_path), show_progress=True, client_factory=strict_client)
     assert summary.status == "complete" and summary.metrics["records_judged_now"] == 12
 
 
 def test_a_second_concurrent_run_is_refused(judge_project, fake_api):
-    with judge.exclusive_lock(judge_project.data["judge_cache"]):
+    with exclusive_lock(judge_project.data["judge_cache"]):
         assert judge_project.run() == 2
