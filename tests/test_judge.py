@@ -12,6 +12,7 @@ import pytest
 
 import fluent_reward.judge.client as judge_client
 from fluent_reward.config import load_params
+from fluent_reward.errors import FluentRewardError
 from fluent_reward.judge import InvalidOutput, exclusive_lock, parse_judgment, run_judge
 from tests.conftest import judge_records, strict_client
 from tests.fake_anthropic import API_KEY
@@ -152,7 +153,7 @@ def test_retry_after_is_capped_and_our_wait_is_bounded(judge_project, fake_api, 
     fake_api.add_fault("429", times=3, retry_after=3600, match="respuesta r0000")
     fake_api.add_fault("429", times=100, retry_after=3600, match="respuesta r0001")
     started = time.monotonic()
-    assert judge_project.run() == 0
+    assert judge_project.run() == 2  # r0001 is left unjudged (judge.max_failure_ratio is 0)
     assert time.monotonic() - started < 10  # not an hour
     metrics = judge_project.metrics()
     # r0000: SDK retry + our retry after 0.3 s, then success; r0001: never gets through, fails after our bounded wait
@@ -165,7 +166,7 @@ def test_retry_after_is_capped_and_our_wait_is_bounded(judge_project, fake_api, 
 def test_invalid_output_is_reasked_with_the_problem_then_recorded_as_failure(judge_project, fake_api):
     fake_api.add_fault("malformed", malformed="out_of_range", match="respuesta r0002")
     fake_api.add_fault("malformed", times=3, malformed="missing_dimension", match="respuesta r0005")
-    assert judge_project.run() == 0
+    assert judge_project.run() == 2
     retried = [r for r in fake_api.messages_requests() if record_of(r) == "r0002"]
     assert len(retried) == 2
     feedback = retried[1].body["messages"][2]["content"][0]
@@ -192,14 +193,66 @@ def test_unusable_replies_are_asked_again(judge_project, fake_api, kind):
     assert judge_project.metrics()["invalid_outputs"] == 1
 
 
-def test_too_many_failures_stop_with_exit_1_after_saving_successes(judge_project, fake_api, capsys):
-    judge_project.set_judge(max_failures=1, sdk_max_retries=0, rate_limit_max_wait_s=0, max_concurrency=1)
+def test_unjudged_records_exit_2_naming_them_and_the_rerun_pays_only_for_them(judge_project, fake_api, capsys):
+    judge_project.set_judge(sdk_max_retries=0, rate_limit_max_wait_s=0, max_concurrency=1)
     for rid in ("r0003", "r0004", "r0005"):
-        fake_api.add_fault("500", times=10, match=f"respuesta {rid}")
-    assert judge_project.run() == 1
-    assert "judgments failed (judge.max_failures=1)" in capsys.readouterr().err
-    assert not judge_project.data["judgments"].exists()
-    assert {e["record_id"] for e in judge_project.cache_lines()} == {"r0000", "r0001", "r0002"}
+        fake_api.add_fault("500", times=1, match=f"respuesta {rid}")
+    assert judge_project.run() == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: 3 of 12 records have no judgment (r0003, r0004, r0005; 500 api_error: fake 500 (after the SDK's "
+        "retries and 0 s of waiting)); judge.max_failure_ratio=0 tolerates 0; what was judged is cached and written"
+    ) in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # paid work is kept: the cache and the judgments file hold the 9 that succeeded
+    assert len(judge_project.cache_lines()) == 9
+    doc = judge_project.judgments()
+    assert len(doc["judgments"]) == 9 and doc["failed"] == ["r0003", "r0004", "r0005"]
+    assert doc["failures_tolerated"] is False
+    metrics = judge_project.metrics()
+    assert metrics["status"] == "failed" and metrics["failed_ids"] == ["r0003", "r0004", "r0005"]
+    assert metrics["failure_ratio"] == 0.25
+    before = len(fake_api.billed())
+    assert judge_project.run() == 0
+    assert sorted(record_of(r) for r in fake_api.billed()[before:]) == ["r0003", "r0004", "r0005"]
+    assert judge_project.judgments()["failed"] == [] and judge_project.metrics()["status"] == "complete"
+
+
+def test_a_tolerated_failure_ratio_exits_0_and_training_leaves_the_records_out(judge_project, fake_api, caplog):
+    from fluent_reward.data import load_judged_records
+
+    judge_project.set_judge(sdk_max_retries=0, rate_limit_max_wait_s=0, max_failure_ratio=0.25)
+    for rid in ("r0003", "r0004", "r0005"):
+        fake_api.add_fault("500", times=1, match=f"respuesta {rid}")
+    assert judge_project.run() == 0
+    assert "3 of 12 records have no judgment (r0003, r0004, r0005" in caplog.text
+    assert "tolerated by judge.max_failure_ratio=0.25" in caplog.text
+    assert judge_project.metrics()["status"] == "failures_tolerated"
+    doc = judge_project.judgments()
+    assert doc["failures_tolerated"] is True and doc["failed"] == ["r0003", "r0004", "r0005"]
+    params = load_params(judge_project.params_path)
+    records = load_judged_records(params.data.validated, params.data.judgments, params.rubric)
+    assert [r["id"] for r in records] == [f"r{i:04d}" for i in range(12) if i not in (3, 4, 5)]
+    assert "3 validated records have no judgment" in caplog.text
+    # beyond the ratio: exit 2, and training refuses the same file
+    judge_project.set_judge(max_failure_ratio=0.1)
+    judge_project.data["judge_cache"].unlink()
+    for rid in ("r0003", "r0004", "r0005"):
+        fake_api.add_fault("500", times=1, match=f"respuesta {rid}")
+    assert judge_project.run() == 2
+    with pytest.raises(FluentRewardError, match="3 validated record\\(s\\) have no judgment"):
+        load_judged_records(params.data.validated, params.data.judgments, params.rubric)
+
+
+def test_an_outage_stops_the_run_after_failures_in_a_row(judge_project, fake_api, capsys):
+    judge_project.set_judge(sdk_max_retries=0, rate_limit_max_wait_s=0, max_concurrency=1)
+    judge_project.write_records(judge_records(30))
+    fake_api.add_fault("529", times=1000)  # overloaded for ever
+    assert judge_project.run() == 2
+    err = capsys.readouterr().err
+    assert "error: 10 judgments failed in a row, the last one with: 529 overloaded_error" in err
+    assert "stopped early; 30 records have no judgment" in err
+    assert len(fake_api.messages_requests()) == 10  # not 30: the rest were never tried
     assert judge_project.metrics()["status"] == "too_many_failures"
 
 
@@ -208,21 +261,79 @@ def test_too_many_failures_stop_with_exit_1_after_saving_successes(judge_project
     [
         ("bad_key", "401 authentication_error: invalid x-api-key"),
         ("bad_model", "(404 not_found_error: model: claude-nonexistent-1); check judge.model"),
-        ("bad_request", "400 invalid_request_error: fake 400"),
     ],
 )
 def test_refusals_stop_at_once_with_the_api_message(judge_project, fake_api, monkeypatch, capsys, setup, message):
     if setup == "bad_key":
         monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-wrong")
-    elif setup == "bad_model":
+    else:
         prices = {"claude-nonexistent-1": {"input": 1, "output": 1, "cache_write": 1, "cache_read": 1}}
         judge_project.set_judge(model="claude-nonexistent-1", prices=prices)
-    else:
-        fake_api.add_fault("400")
     assert judge_project.run() == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "12 records have no judgment" in err and len(err.strip().splitlines()) == 1
     assert len(fake_api.messages_requests()) == 1  # no retry, no other record tried
-    assert not judge_project.data["judgments"].exists()
+    assert judge_project.judgments()["judgments"] == [] and len(judge_project.judgments()["failed"]) == 12
+    assert judge_project.metrics()["status"] == "api_error"
+
+
+def test_one_record_refused_with_400_is_named_and_the_others_are_judged(judge_project, fake_api, capsys):
+    fake_api.add_fault("400", match="respuesta r0004")
+    assert judge_project.run() == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: 1 of 12 records have no judgment (r0004; refused by the API (400 invalid_request_error: fake 400))"
+        in err
+    )
+    assert len([r for r in fake_api.messages_requests() if record_of(r) == "r0004"]) == 1  # a 400 is not retried
+    assert len(judge_project.judgments()["judgments"]) == 11
+    assert judge_project.metrics()["failed_ids"] == ["r0004"]
+    assert judge_project.run() == 0  # the rerun asks again for r0004 only
+    assert [record_of(r) for r in fake_api.billed()[11:]] == ["r0004"]
+
+
+def test_an_unreachable_api_ends_the_run_fast_with_one_line(judge_project, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
+    judge_project.set_judge(sdk_max_retries=1, rate_limit_max_wait_s=60)
+    started = time.monotonic()
+    assert judge_project.run() == 2
+    assert time.monotonic() - started < 10  # not 60 s of waiting for each of 12 records
+    err = capsys.readouterr().err
+    assert f"error: cannot reach the Anthropic API at {url} (APIConnectionError: " in err
+    assert "after 1 retries); check the network, a proxy or ANTHROPIC_BASE_URL; 12 records have no judgment" in err
+    assert "check the network, a proxy or ANTHROPIC_BASE_URL" in err and len(err.strip().splitlines()) == 1
+    assert judge_project.metrics()["status"] == "api_unreachable"
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_200_with_an_html_body_is_a_clear_failure_not_a_traceback(judge_project, fake_api, capsys, strict):
+    from fluent_reward.cli import main
+
+    judge_project.set_judge(sdk_max_retries=0, rate_limit_max_wait_s=0)
+    fake_api.add_fault("html200", match="respuesta r0002")
+    argv = ["--params", str(judge_project.params_path), "judge", "--no-progress"]
+    assert main(argv, judge_client_factory=strict_client if strict else None) == 2
+    err = capsys.readouterr().err
+    why = "text/html" if strict else "the API answered 200 with a body that is not a Message: <html><body><h1>502"
+    assert "1 of 12 records have no judgment (r0002; " in err and why in err and "Traceback" not in err
+    assert len(judge_project.judgments()["judgments"]) == 11
+
+
+def test_negative_or_absurd_usage_never_gives_a_negative_cost(judge_project, fake_api, caplog):
+    fake_api.add_fault("bad_usage", usage={"input_tokens": -20_000_000_000}, match="respuesta r0001")
+    fake_api.add_fault("bad_usage", usage={"output_tokens": 10**15}, match="respuesta r0002")
+    assert judge_project.run() == 0
+    assert "record r0001: the API reported usage input_tokens=-20000000000; counted as 0" in caplog.text
+    assert "record r0002: the API reported usage output_tokens=1000000000000000; counted as 2000000" in caplog.text
+    metrics = judge_project.metrics()
+    assert metrics["input_tokens"] >= 0 and metrics["estimated_cost_usd"] > 0
+    assert metrics["output_tokens"] < 2_100_000
 
 
 def test_prompt_injection_stays_inside_the_delimiters(judge_project, fake_api):
@@ -263,7 +374,7 @@ def test_key_from_dotenv_without_overriding_the_environment(judge_project, fake_
 def test_the_key_is_written_nowhere(judge_project, fake_api):
     fake_api.add_fault("malformed", times=3, malformed="missing_dimension", match="respuesta r0004")
     fake_api.add_fault("429", retry_after=0.01)
-    assert judge_project.run(verbose=True) == 0
+    assert judge_project.run(verbose=True) == 2  # r0004 failed: its error message is written too
     judge_project.set_judge(mode="batch")
     judge_project.write_records(judge_records(14))
     assert judge_project.run(verbose=True) == 0
@@ -288,7 +399,7 @@ def test_budget_stops_before_exceeding_and_keeps_what_was_judged(judge_project, 
     assert billed_cost(fake_api) <= 0.06
     metrics = judge_project.metrics()
     assert metrics["status"] == "budget" and metrics["estimated_cost_usd"] <= 0.06
-    assert not judge_project.data["judgments"].exists()
+    assert len(judge_project.judgments()["judgments"]) == judged  # written for what was judged
     judge_project.set_judge(max_budget_usd=None)
     assert judge_project.run() == 0
     assert len(fake_api.billed()) == 12  # nothing paid twice

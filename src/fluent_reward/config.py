@@ -108,24 +108,39 @@ class Price(_Section):
 
 
 class JudgeConfig(_Section):
-    model: str
-    mode: Literal["messages", "batch"]
-    samples: int = Field(ge=1)
-    max_tokens: int = Field(gt=0, le=21333)
-    reference: list[Path]
-    max_concurrency: int = Field(ge=1)
-    sdk_max_retries: int = Field(ge=0)
-    rate_limit_max_wait_s: float = Field(ge=0)
-    timeout_s: float = Field(gt=0)
-    invalid_output_retries: int = Field(ge=0)
-    max_failures: int = Field(ge=0)
-    max_budget_usd: float | None = Field(default=None, gt=0)
-    prompt_cache_ttl: Literal["5m", "1h"]
-    batch_max_requests: int = Field(ge=1, le=100_000)
-    batch_poll_interval_s: float = Field(gt=0)
-    batch_max_resubmits: int = Field(ge=0)
-    batch_discount: float = Field(gt=0, le=1)
-    prices: dict[str, Price]
+    """The judge stage (docs/JUDGE.md): which model, how requests are sent, retried, budgeted and priced."""
+
+    model: str = Field(description="Claude model id that judges (needs an entry in judge.prices).")
+    mode: Literal["messages", "batch"] = Field(
+        description="messages: concurrent requests; batch: Message Batches API (half price, up to 24 h)."
+    )
+    samples: int = Field(ge=1, description="Independent judgments per record, averaged; >= 2 measures test-retest.")
+    max_tokens: int = Field(gt=0, le=21333, description="Output token limit per judgment call.")
+    reference: list[Path] = Field(description="Files of judgments used instead of asking Claude (by content or id).")
+    max_concurrency: int = Field(ge=1, description="Concurrent requests in messages mode.")
+    sdk_max_retries: int = Field(ge=0, description="The SDK's own retries (429, 529, 5xx, connection, timeout).")
+    rate_limit_max_wait_s: float = Field(ge=0, description="Our bounded extra wait per call after the SDK gives up.")
+    timeout_s: float = Field(gt=0, description="Timeout of one HTTP request, in seconds.")
+    invalid_output_retries: int = Field(ge=0, description="Re-asks of an invalid reply before the record fails.")
+    max_failure_ratio: float = Field(
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Share of the records that may end without a judgment while the stage still exits 0 (train "
+        "then leaves them out, with a logged count). 0: any unjudged record makes the stage exit 2, so DVC never "
+        "records an incomplete run; the rerun pays only for the missing.",
+    )
+    max_budget_usd: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Stop before spending more than this (null: no limit)."
+    )
+    prompt_cache_ttl: Literal["5m", "1h"] = Field(description="Prompt caching lifetime of the rubric system prompt.")
+    batch_max_requests: int = Field(ge=1, le=100_000, description="Requests per batch (the API allows 100,000).")
+    batch_poll_interval_s: float = Field(gt=0, description="Seconds between polls of open batches.")
+    batch_max_resubmits: int = Field(
+        ge=0, description="Errored/expired batch requests are resubmitted at most this often."
+    )
+    batch_discount: float = Field(gt=0, le=1, description="Message Batches cost this fraction of the standard price.")
+    prices: dict[str, Price] = Field(description="USD per million tokens, per model (the SDK has no prices).")
 
     def price(self) -> Price:
         if self.model not in self.prices:

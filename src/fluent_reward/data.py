@@ -401,7 +401,8 @@ def load_judged_records(
 
     Fails with a message saying what to rerun when the judgments were made with other dimensions or another scale
     than ``rubric``, or when a record has no judgment; with ``skip_unjudged`` such records are left out with a
-    warning instead (the judge may have failed on a few: pairs can do without them, training cannot).
+    warning instead (the judge may have failed on a few: pairs can do without them, training cannot), and so are
+    records the judgments file lists as tolerated failures (``failures_tolerated``: within judge.max_failure_ratio).
     """
     for path, stage in ((validated, "validate"), (judgments, "judge")):
         if not Path(path).is_file():
@@ -428,7 +429,9 @@ def load_judged_records(
             continue
         scores = {name: float(judgment["scores"][name]) for name in rubric.names}
         records.append({**row, "scores": scores, "overall": rubric.overall(scores)})
-    if missing and skip_unjudged:
+    # The judge exited 0 with these records unjudged only because judge.max_failure_ratio tolerates them.
+    tolerated = bool(doc.get("failures_tolerated")) and set(missing) <= set(doc.get("failed") or [])
+    if missing and (skip_unjudged or tolerated):
         log.warning("%d validated records have no judgment in %s; left out", len(missing), judgments)
     elif missing:
         raise FluentRewardError(

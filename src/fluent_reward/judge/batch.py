@@ -15,7 +15,7 @@ from typing import Any
 
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import read_json, write_json
-from fluent_reward.judge.client import call
+from fluent_reward.judge.client import Fatal, call
 from fluent_reward.judge.context import Run
 from fluent_reward.judge.cost import usage_of
 from fluent_reward.judge.plan import Unit
@@ -99,12 +99,28 @@ async def _poll_once(run: Run, ledger: BatchLedger, by_key: dict[str, Unit]) -> 
     resubmit: list[Pending] = []
     statuses = []
     for batch in ledger.open_batches():
-        status = await call(run, f"batch {batch['id']}", lambda b=batch: run.client.messages.batches.retrieve(b["id"]))
+        status = await _retrieve(run, ledger, batch)
         statuses.append(status)
         if status.processing_status == "ended":
             resubmit += await _collect(run, ledger, batch, by_key)
     _show_batch_progress(run, statuses)
     return resubmit
+
+
+async def _retrieve(run: Run, ledger: BatchLedger, batch: dict[str, Any]) -> Any:
+    """The batch's status; a batch the API does not know (404) is named with what to do, not blamed on the model."""
+    try:
+        return await call(run, f"batch {batch['id']}", lambda: run.client.messages.batches.retrieve(batch["id"]))
+    except Fatal as exc:
+        if exc.status != 404:
+            raise
+        raise Fatal(
+            f"batch {batch['id']} in {ledger.path} is unknown to the API ({exc.api}): it was submitted with another "
+            f"key or workspace, or was deleted; its {len(batch['requests'])} requests cannot be collected. Remove that "
+            f"entry from {ledger.path} (or the file, if no other batch is open) and rerun: those records are then "
+            "judged again",
+            404,
+        ) from None
 
 
 def _show_batch_progress(run: Run, statuses: list[Any]) -> None:
@@ -218,7 +234,8 @@ async def _collect(run: Run, ledger: BatchLedger, batch: dict[str, Any], by_key:
             run.budget.release(request.get("reserved_usd", 0.0), 0.0)
             continue
         succeeded = item.result.type == "succeeded"
-        spent = run.account(usage_of(item.result.message.usage), run.cfg.batch_discount) if succeeded else 0.0
+        usage = usage_of(item.result.message.usage, f"batch {batch['id']}") if succeeded else {}
+        spent = run.account(usage, run.cfg.batch_discount) if succeeded else 0.0
         run.budget.release(request.get("reserved_usd", 0.0), spent)
         again = _collect_one(run, batch, item, request, by_key.get(item.custom_id))
         if again is not None:
@@ -266,5 +283,6 @@ def _collect_success(
     # The batch may come from an earlier run with another prompt: its key was made with that prompt.
     extra = {"message_id": message.id, "batch_id": batch["id"], "mode": "batch", "model": batch["model"]}
     extra["prompt_version"] = batch["prompt_version"]
-    run.store(key, request["record_id"], request["sample"], parsed, usage_of(message.usage), extra)
+    usage = usage_of(message.usage, f"batch {batch['id']}")
+    run.store(key, request["record_id"], request["sample"], parsed, usage, extra)
     return None

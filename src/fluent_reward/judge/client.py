@@ -30,12 +30,31 @@ SDK_RETRY_AFTER_CAP_S = 8.0
 _ORIGINAL_RETRY_AFTER = "x-fluent-reward-original-retry-after"
 
 
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+# HTTP statuses that refuse one record's request (a malformed or too large request): that record fails, the others go
+# on. Other refusals (401 key, 403 permission, 404 model) concern every request and stop the run.
+RECORD_REFUSALS = (400, 413)
+
+
 class Fatal(Exception):
     """The API refused in a way retrying cannot fix (bad key, unknown model, bad request)."""
+
+    def __init__(self, message: str, status: int = 0, api: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.api = api  # the API's own words ("404 not_found_error: ..."), without our hint
+
+
+class Unreachable(Fatal):
+    """The first request of a run could not reach the API at all (connection refused, DNS, timeouts)."""
 
 
 class UnitFailed(Exception):
     """One judgment could not be obtained (transient errors past every retry, or invalid output past re-asks)."""
+
+
+class BadBody(Exception):
+    """A 200 response whose body is not what the endpoint returns (an HTML page from a proxy, say)."""
 
 
 def resolve_api_settings(cwd: Path | None = None) -> tuple[str | None, str | None]:
@@ -145,23 +164,49 @@ class Gate:
             await asyncio.sleep(delay)
 
 
-def _classify(exc: Exception, attempt: int) -> tuple[str, float, bool]:
-    """(reason, delay, shared pause?) for a transient error; Fatal for a refusal."""
+def _classify(run: Run, exc: Exception, attempt: int, record_level: bool) -> tuple[str, float, bool]:
+    """(reason, delay, shared pause?) for a transient error; UnitFailed for one record's refusal; Fatal for a
+    refusal of every request; Unreachable when the run's first request found no API at all."""
     import anthropic
 
+    if isinstance(exc, anthropic.APIStatusError | anthropic.APIResponseValidationError):
+        run.reached = True  # the server answered
     if isinstance(exc, anthropic.APIStatusError):
+        if record_level and exc.status_code in RECORD_REFUSALS:
+            raise UnitFailed(f"refused by the API ({api_message(exc)})") from None
         if is_fatal_status(exc.status_code):
-            raise Fatal(refusal_message(exc)) from None
+            raise Fatal(refusal_message(exc), exc.status_code, api_message(exc)) from None
         delay = header_seconds(exc.response.headers) or backoff(attempt)
         return api_message(exc), delay, exc.status_code in (429, 529)
+    if isinstance(exc, anthropic.APIConnectionError) and not run.reached:
+        url = run.ctx.base_url or DEFAULT_BASE_URL
+        raise Unreachable(
+            f"cannot reach the Anthropic API at {url} ({type(exc).__name__}: {exc}, after "
+            f"{run.ctx.cfg.sdk_max_retries} retries); check the network, a proxy or ANTHROPIC_BASE_URL"
+        ) from None
     return f"{type(exc).__name__}: {exc}", backoff(attempt), False
 
 
-async def call(run: Run, what: str, request: Callable[[], Awaitable[T]]) -> T:
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+async def call(
+    run: Run,
+    what: str,
+    request: Callable[[], Awaitable[T]],
+    *,
+    expect: type | None = None,
+    record_level: bool = False,
+) -> T:
     """``request()`` with the SDK's retries inside, then our own bounded wait on transient errors.
 
     After the SDK gives up, we wait (honouring retry-after, backing off otherwise) and try again, until the total
     of our waits for this call would pass judge.rate_limit_max_wait_s; then the call fails (UnitFailed).
+    ``expect``: the type a 200 response must parse to (a proxy's HTML page is a transient error, not a reply).
+    ``record_level``: the request is about one record, so a 400/413 fails that record only.
     """
     import anthropic
 
@@ -169,9 +214,16 @@ async def call(run: Run, what: str, request: Callable[[], Awaitable[T]]) -> T:
     while True:
         await run.gate.wait()
         try:
-            return await request()
+            result = await request()
+            if expect is not None and not isinstance(result, expect):
+                raise BadBody(f"the API answered 200 with a body that is not a {expect.__name__}: {_short(result)}")
+            run.reached = True
+            return result
+        except BadBody as exc:
+            run.reached = True
+            reason, delay, shared = str(exc), backoff(attempt), False
         except (anthropic.APIStatusError, anthropic.APIConnectionError, anthropic.APIResponseValidationError) as exc:
-            reason, delay, shared = _classify(exc, attempt)
+            reason, delay, shared = _classify(run, exc, attempt, record_level)
         remaining = run.ctx.cfg.rate_limit_max_wait_s - waited
         if remaining <= 0:
             raise UnitFailed(f"{reason} (after the SDK's retries and {waited:.0f} s of waiting)")

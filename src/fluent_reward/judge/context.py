@@ -17,12 +17,24 @@ from typing import Any
 
 from fluent_reward.config import DataPaths, JudgeConfig, Params, Price, Rubric
 from fluent_reward.judge.cache import JudgeCache
-from fluent_reward.judge.client import ClientFactory, Gate, default_client_factory, resolve_api_settings
+from fluent_reward.judge.client import (
+    ClientFactory,
+    Fatal,
+    Gate,
+    Unreachable,
+    default_client_factory,
+    resolve_api_settings,
+)
 from fluent_reward.judge.cost import Budget, Tally, add_usage, cost_usd
 from fluent_reward.judge.progress import Progress
 from fluent_reward.judge.prompt import Prompt
 
 log = logging.getLogger(__name__)
+
+# Judgments failing one after another with no success between them: the API is down (529s for ever, a hung server,
+# every reply invalid). The run stops after this many in a row (or twice max_concurrency, if more), keeping
+# what it judged, instead of spending a bounded wait on every remaining record.
+CONSECUTIVE_FAILURES_LIMIT = 10
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,8 @@ class Run:
     failures: dict[str, str] = field(default_factory=dict)  # key -> why
     stop_reason: str | None = None
     fatal: str | None = None
+    reached: bool = False  # the API has answered at least once in this run
+    failures_in_a_row: int = 0
 
     @property
     def cfg(self) -> JudgeConfig:
@@ -111,15 +125,21 @@ class Run:
         }
         self.cache.append(entry)
         self.judged.add(unit_key)
+        self.failures_in_a_row = 0
 
     def fail(self, key: str, record_id: str, reason: str) -> None:
+        """A judgment that could not be obtained: named in the metrics, never cached, retried by a rerun."""
         self.failures[key] = reason
+        self.failures_in_a_row += 1
         log.warning("record %s: judgment failed: %s", record_id, reason)
-        if len(self.failures) > self.cfg.max_failures and not self.stopping:
+        limit = max(CONSECUTIVE_FAILURES_LIMIT, 2 * self.cfg.max_concurrency)
+        if self.failures_in_a_row >= limit and not self.stopping:
             self.stop_reason = "too_many_failures"
-            log.error("more than judge.max_failures=%d failed judgments: stopping", self.cfg.max_failures)
+            self.fatal = f"{limit} judgments failed in a row, the last one with: {reason}; stopped early"
+            log.error("%s", self.fatal)
 
-    def stop_fatal(self, message: str) -> None:
+    def stop_fatal(self, exc: Fatal) -> None:
+        """A refusal of every request (or no API at all): stop; what was judged stays cached."""
         if self.fatal is None:
-            self.fatal = message
-            self.stop_reason = "api_error"
+            self.fatal = str(exc)
+            self.stop_reason = "api_unreachable" if isinstance(exc, Unreachable) else "api_error"

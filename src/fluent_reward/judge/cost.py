@@ -5,18 +5,36 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fluent_reward.config import Price
 
+log = logging.getLogger(__name__)
+
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+# No single call can bill more tokens than this (the largest context window is 1M tokens, output is far less): a
+# larger or negative count from a server or gateway is a bug there, never a cost to add to the run.
+MAX_TOKENS_PER_CALL = 2_000_000
 
 
-def usage_of(usage: Any) -> dict[str, int]:
-    """The four billed token counts of an SDK ``Usage`` (missing cache fields are 0)."""
-    return {name: int(getattr(usage, name, 0) or 0) for name in USAGE_FIELDS}
+def usage_of(usage: Any, what: str = "a reply") -> dict[str, int]:
+    """The four billed token counts of an SDK ``Usage`` (missing cache fields are 0). A negative, absurd or
+    non-numeric count is clamped into 0..MAX_TOKENS_PER_CALL with a warning, so the cost can never go negative."""
+    counts = {}
+    for name in USAGE_FIELDS:
+        raw = getattr(usage, name, 0) or 0
+        number = isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw)
+        value = int(raw) if number else -1
+        if not 0 <= value <= MAX_TOKENS_PER_CALL:
+            clamped = min(max(value, 0), MAX_TOKENS_PER_CALL)
+            log.warning("%s: the API reported usage %s=%r; counted as %d", what, name, raw, clamped)
+            value = clamped
+        counts[name] = value
+    return counts
 
 
 def cost_usd(usage: Mapping[str, int], price: Price, factor: float = 1.0) -> float:

@@ -50,9 +50,13 @@ async def _ask(run: Run, unit: Unit, messages: list[dict[str, Any]], total: dict
     await run.budget.reserve(reservation)
     spent = 0.0
     try:
+        from anthropic.types import Message
+
         request = run.ctx.prompt.request(messages)
-        message = await call(run, f"record {unit.record_id}", lambda: run.client.messages.create(**request))
-        usage = usage_of(message.usage)
+        what = f"record {unit.record_id}"
+        create = run.client.messages.create
+        message = await call(run, what, lambda: create(**request), expect=Message, record_level=True)
+        usage = usage_of(message.usage, f"record {unit.record_id}")
         spent = run.account(usage)
         add_usage(total, usage)
         return message
@@ -84,7 +88,7 @@ async def judge_unit(run: Run, unit: Unit) -> None:
             run.fail(unit.key, unit.record_id, str(exc))
             return
         except Fatal as exc:
-            run.stop_fatal(str(exc))
+            run.stop_fatal(exc)
             return
         extra = {"message_id": message.id, "attempts": attempt + 1}
         run.store(unit.key, unit.record_id, unit.sample, parsed, total, extra)

@@ -123,6 +123,11 @@ def failed_records(plan: Plan, missing: list[str], run: Run | None) -> list[str]
     return [rid for rid in missing if any(k in failures for k in plan.keys.get(rid, ()))]
 
 
+def failure_ratio(plan: Plan, done: Assembled) -> float:
+    """The share of the validated records left without a judgment."""
+    return len(done.missing) / len(plan.records) if plan.records else 0.0
+
+
 def metrics(
     ctx: JudgeContext, status: str, plan: Plan, done: Assembled, run: Run | None, cache: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -144,6 +149,8 @@ def metrics(
         "records_failed": len(failed),
         "records_not_judged": len(done.missing) - len(failed),
         "failed_ids": failed[:100],
+        "failure_ratio": round(failure_ratio(plan, done), 6),
+        "max_failure_ratio": ctx.cfg.max_failure_ratio,
         "failure_reasons": sorted(set(failures.values()))[:20],
         "api_calls": tally.api_calls,
         "retries": tally.retries,
@@ -159,8 +166,9 @@ def metrics(
     return result
 
 
-def judgments_document(ctx: JudgeContext, done: Assembled) -> dict[str, Any]:
-    """The content of data.judgments (contract in docs/ARCHITECTURE.md)."""
+def judgments_document(ctx: JudgeContext, done: Assembled, *, tolerated: bool) -> dict[str, Any]:
+    """The content of data.judgments (contract in docs/ARCHITECTURE.md). ``failures_tolerated``: the records in
+    ``failed`` are within judge.max_failure_ratio, so training leaves them out instead of refusing."""
     rubric = ctx.rubric
     return {
         "model": ctx.cfg.model,
@@ -170,4 +178,5 @@ def judgments_document(ctx: JudgeContext, done: Assembled) -> dict[str, Any]:
         "dimensions": rubric.names,
         "judgments": done.judgments,
         "failed": done.missing,
+        "failures_tolerated": tolerated and bool(done.missing),
     }

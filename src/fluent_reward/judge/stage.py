@@ -19,7 +19,14 @@ from fluent_reward.judge.context import JudgeContext, Run
 from fluent_reward.judge.cost import Budget, Tally
 from fluent_reward.judge.estimate import dry_run, local_estimate
 from fluent_reward.judge.messages import run_messages
-from fluent_reward.judge.outputs import JudgeSummary, assemble, judgments_document, metrics
+from fluent_reward.judge.outputs import (
+    Assembled,
+    JudgeSummary,
+    assemble,
+    failure_ratio,
+    judgments_document,
+    metrics,
+)
 from fluent_reward.judge.plan import Plan, make_plan
 from fluent_reward.judge.progress import Progress
 from fluent_reward.judge.reference import ReferenceIndex, load_reference
@@ -52,8 +59,9 @@ def run_judge(
 
     Returns:
         A JudgeSummary. Raises FluentRewardError (exit 2) for a missing key with records left, a bad reference
-        file or an API refusal (401, 404, 400); StageFailed (exit 1) when the budget or judge.max_failures stopped
-        the run. Every judgment obtained is in the cache before any of these is raised.
+        file, an API refusal (401, 403, 404), an unreachable API, or records left without a judgment beyond
+        judge.max_failure_ratio; StageFailed (exit 1) when judge.max_budget_usd stopped the run. Every judgment
+        obtained is in the cache, and the outputs are written for it, before any of these is raised.
     """
     ctx = JudgeContext.build(params, client_factory, show_progress)
     records = _read_records(ctx.paths.validated)
@@ -126,51 +134,83 @@ async def _execute(ctx: JudgeContext, cache: JudgeCache, plan: Plan, ledger: Bat
                         await run_batches(run, [], ledger, submit=False)  # paid for: collect first
                     await run_messages(run, [u for u in plan.units if u.key not in cache.entries])
             except Fatal as exc:
-                run.stop_fatal(str(exc))
+                run.stop_fatal(exc)
             except UnitFailed as exc:  # a batch endpoint failing past every retry
                 run.stop_reason = "api_unavailable"
                 run.failures["*"] = str(exc)
             return run
 
 
+def _status(ctx: JudgeContext, plan: Plan, done: Assembled, run: Run | None) -> str:
+    """Why the run ended: a stop reason, else complete, failures_tolerated (within judge.max_failure_ratio) or
+    failed."""
+    if run is not None and run.stop_reason is not None:
+        return run.stop_reason
+    if not done.missing:
+        return "complete"
+    return "failures_tolerated" if failure_ratio(plan, done) <= ctx.cfg.max_failure_ratio else "failed"
+
+
 def _finish(ctx: JudgeContext, plan: Plan, cache: JudgeCache, run: Run | None) -> JudgeSummary:
-    """Write the outputs (judgments only when the run was not stopped) and raise if it was."""
+    """Write every output for what was judged (whatever happened), then raise if records were left unjudged
+    beyond what judge.max_failure_ratio tolerates, so DVC never records an incomplete run as done."""
     done = assemble(ctx, plan, cache.entries, run.judged if run is not None else set())
-    status = (run.stop_reason if run is not None else None) or "complete"
+    status = _status(ctx, plan, done, run)
     result = metrics(ctx, status, plan, done, run, cache.entries)
     write_json(ctx.paths.judge_metrics, result)
-    counts = done.counts
-    summary = (
-        f"judge: {len(done.judgments)} of {len(plan.records)} records judged ({counts['judged_now']} now, "
-        f"{counts['from_cache']} cached, {counts['from_reference'] + counts['from_import']} supplied, "
-        f"{result['records_failed']} failed); {result['api_calls']} API calls, "
-        f"${result['estimated_cost_usd']:.4f}"
-    )
-    if run is not None:
-        _raise_if_stopped(run, status, len(done.missing), summary)
-    # Both are stage outputs in dvc.yaml, so they exist after every successful run, even when nothing was sent.
+    # Both are stage outputs in dvc.yaml, so they exist after every run, even when nothing was sent.
     cache.touch()
     if not ctx.paths.judge_batches.exists():
         BatchLedger(ctx.paths.judge_batches).save()
-    write_json(ctx.paths.judgments, judgments_document(ctx, done))
-    log.info("%s -> %s", summary, ctx.paths.judgments)
+    write_json(ctx.paths.judgments, judgments_document(ctx, done, tolerated=status == "failures_tolerated"))
+    counts = done.counts
+    log.info(
+        "judge: %d of %d records judged (%d now, %d cached, %d supplied, %d failed); %d API calls, $%.4f -> %s",
+        len(done.judgments),
+        len(plan.records),
+        counts["judged_now"],
+        counts["from_cache"],
+        counts["from_reference"] + counts["from_import"],
+        result["records_failed"],
+        result["api_calls"],
+        result["estimated_cost_usd"],
+        ctx.paths.judgments,
+    )
+    if status == "failures_tolerated":
+        log.warning(
+            "%s; tolerated by judge.max_failure_ratio=%g", _left_out(plan, done, run), ctx.cfg.max_failure_ratio
+        )
+    elif status != "complete":
+        _raise(ctx, plan, done, run, status)
     return JudgeSummary(status=status, metrics=result)
 
 
-def _raise_if_stopped(run: Run, status: str, missing: int, summary: str) -> None:
-    """A stopped run ends with an error; everything it obtained is already in the cache and the metrics."""
-    cfg = run.cfg
-    if run.fatal is not None:
-        raise FluentRewardError(f"{run.fatal}\n{summary}; rerun to resume")
-    if status == "api_unavailable":
-        raise StageFailed(f"the Anthropic API stayed unavailable: {run.failures['*']}\n{summary}; rerun to resume")
+def _left_out(plan: Plan, done: Assembled, run: Run | None) -> str:
+    """``3 of 12 records have no judgment (r0003, r0004, r0005; 500 api_error: ...)``: what and why, one line."""
+    first = ", ".join(done.missing[:5]) + (", ..." if len(done.missing) > 5 else "")
+    reasons = sorted(set(run.failures.values())) if run is not None else []
+    why = (
+        f"; {reasons[0]}" + (f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1 else "") if reasons else ""
+    )
+    return f"{len(done.missing)} of {len(plan.records)} records have no judgment ({first}{why})"
+
+
+def _raise(ctx: JudgeContext, plan: Plan, done: Assembled, run: Run | None, status: str) -> None:
+    """One line saying what stopped the run or which records are missing; everything judged is cached and written."""
+    cfg = ctx.cfg
+    resume = "what was judged is cached and written; rerun to judge only the rest"
     if status == "budget":
+        assert run is not None
         raise StageFailed(
             f"stopped before exceeding judge.max_budget_usd=${cfg.max_budget_usd:g} (spent ${run.budget.spent:.4f}); "
-            f"{missing} records still need judging: raise the budget and rerun\n{summary}"
+            f"{len(done.missing)} records still need judging: raise the budget and rerun"
         )
-    if len(run.failures) > cfg.max_failures:
-        raise StageFailed(
-            f"{len(run.failures)} judgments failed (judge.max_failures={cfg.max_failures}); successes are cached: "
-            f"rerun to retry the rest\n{summary}"
-        )
+    if run is not None and run.fatal is not None:
+        raise FluentRewardError(f"{run.fatal}; {len(done.missing)} records have no judgment; {resume}")
+    if status == "api_unavailable":
+        assert run is not None
+        raise FluentRewardError(f"the Anthropic API stayed unavailable: {run.failures['*']}; {resume}")
+    allowed = int(cfg.max_failure_ratio * len(plan.records))
+    raise FluentRewardError(
+        f"{_left_out(plan, done, run)}; judge.max_failure_ratio={cfg.max_failure_ratio:g} tolerates {allowed}; {resume}"
+    )
