@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 import fluent_reward.judge.client as judge_client
 from fluent_reward.config import load_params
@@ -578,3 +579,70 @@ def test_progress_bar_runs(judge_project, fake_api, mode):
 def test_a_second_concurrent_run_is_refused(judge_project, fake_api):
     with exclusive_lock(judge_project.data["judge_cache"]):
         assert judge_project.run() == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cache is checked, not trusted
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        ({"accuracy": 99}, "accuracy=99 is outside 1..10"),
+        ({"accuracy": "10"}, "accuracy='10' is not an integer"),
+        ({"accuracy": 6.5}, "accuracy=6.5 is not an integer"),
+        ({"accuracy": None}, "accuracy=None is not an integer"),
+        ("drop clarity", "no score for clarity"),
+        ("scores not an object", "scores is [7], not an object"),
+    ],
+)
+def test_a_bad_cache_entry_is_discarded_with_its_line_and_judged_again(judge_project, fake_api, caplog, edit, problem):
+    assert judge_project.run() == 0
+    cache = judge_project.data["judge_cache"]
+    lines = cache.read_text(encoding="utf-8").splitlines()
+    entry = json.loads(lines[4])
+    if edit == "drop clarity":
+        del entry["scores"]["clarity"]
+    elif edit == "scores not an object":
+        entry["scores"] = [7]
+    else:
+        entry["scores"].update(edit)
+    lines[4] = json.dumps(entry)
+    cache.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert judge_project.run() == 0
+    assert f"{cache}: line 5: discarded ({problem}); its record is judged again" in caplog.text
+    assert [record_of(r) for r in fake_api.billed()[12:]] == [entry["record_id"]]  # re-judged, nothing else
+    judged = next(j for j in judge_project.judgments()["judgments"] if j["id"] == entry["record_id"])
+    assert all(isinstance(v, int) and 1 <= v <= 10 for v in judged["scores"].values())  # never the bad entry
+
+
+def test_entries_of_another_rubric_are_kept_quietly_and_come_back(judge_project, fake_api, caplog):
+    assert judge_project.run() == 0
+    params = yaml.safe_load(judge_project.params_path.read_text())
+    dims = params["rubric"]["dimensions"]
+    original = json.loads(json.dumps(params["rubric"]))
+    dims.pop("encouragement")
+    params["rubric"]["weights"].pop("encouragement")
+    judge_project.params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    assert judge_project.run() == 0  # a new prompt: everything judged again, the old entries are not "bad"
+    assert "discarded" not in caplog.text and len(fake_api.billed()) == 24
+    params["rubric"] = original
+    judge_project.params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    assert judge_project.run() == 0
+    assert len(fake_api.billed()) == 24 and judge_project.metrics()["records_from_cache"] == 12
+
+
+def test_a_symlinked_cache_is_refused_while_another_judge_holds_it(judge_project, fake_api, capsys):
+    real = judge_project.data["judge_cache"]
+    link = judge_project.root / "elsewhere" / "cache.jsonl"
+    link.parent.mkdir()
+    real.parent.mkdir(parents=True, exist_ok=True)
+    real.touch()
+    link.symlink_to(real)
+    params = yaml.safe_load(judge_project.params_path.read_text())
+    params["data"]["judge_cache"] = str(link)
+    judge_project.params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    with exclusive_lock(real):
+        assert judge_project.run() == 2
+    assert f"{link}: another `fluent-reward judge` is using this cache (lock {real}.lock)" in capsys.readouterr().err
+    assert fake_api.requests == []

@@ -98,7 +98,9 @@ def test_batch_accepted_but_id_not_saved_is_found_not_paid_again(batch_project, 
         prompt = Prompt.build(params.rubric, params.judge)
         records = [json.loads(x) for x in batch_project.data["validated"].read_text().splitlines()]
         cache = JudgeCache(batch_project.data["judge_cache"])
-        plan = make_plan(records, load_reference([], params.rubric), cache.load(), prompt, 1)
+        plan = make_plan(
+            records, load_reference([], params.rubric), cache.load(params.rubric, prompt.version), prompt, 1
+        )
         assert len(plan.units) == 2
         client = anthropic.AsyncAnthropic(api_key=API_KEY, base_url=fake_api.url, _strict_response_validation=True)
         requests = [

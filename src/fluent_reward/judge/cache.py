@@ -1,5 +1,6 @@
 """The judge cache: an append-only JSONL file of every judgment paid for (one fsync'ed line each), its cache key,
-and the advisory lock that allows one judge run per cache at a time."""
+the check of every entry against the rubric on load (a hand-edited or damaged entry is discarded and re-judged,
+never trained on), and the advisory lock that allows one judge run per cache (by its real path) at a time."""
 
 from __future__ import annotations
 
@@ -11,10 +12,36 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fluent_reward.config import Rubric
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import stable_hash
+from fluent_reward.judge.cost import USAGE_FIELDS
 
 log = logging.getLogger(__name__)
+
+
+def entry_problem(entry: dict[str, Any], rubric: Rubric) -> str | None:
+    """What makes a cache entry unusable under ``rubric`` (None: usable). A cached judgment is a training target,
+    so it gets the checks a reply gets: every dimension, an integer score on the scale, rationales as text."""
+    scores, rationales, usage = entry.get("scores"), entry.get("rationales", {}), entry.get("usage", {})
+    if not isinstance(scores, dict):
+        return f"scores is {scores!r}, not an object"
+    lo, hi = rubric.scale.min, rubric.scale.max
+    for name in rubric.names:
+        score = scores.get(name)
+        if name not in scores:
+            return f"no score for {name}"
+        if isinstance(score, bool) or not isinstance(score, int | float) or not float(score).is_integer():
+            return f"{name}={score!r} is not an integer"
+        if not lo <= score <= hi:
+            return f"{name}={score!r} is outside {lo}..{hi}"
+    if not isinstance(rationales, dict) or not all(isinstance(v, str) for v in rationales.values()):
+        return "rationales is not an object of texts"
+    if not isinstance(usage, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in usage.items() if k in USAGE_FIELDS
+    ):
+        return "usage is not an object of token counts"
+    return None
 
 
 def judgment_key(user_message: str, model: str, version: str, sample: int) -> str:
@@ -32,22 +59,30 @@ class JudgeCache:
         self._handle: Any = None
         self._torn_at: int | None = None
 
-    def load(self) -> dict[str, dict[str, Any]]:
+    def load(self, rubric: Rubric, prompt_version: str) -> dict[str, dict[str, Any]]:
+        """Every usable entry by key. An entry that fails ``entry_problem`` under ``rubric`` is left out (so its
+        record is judged again): with a warning naming its line when it claims this prompt version, quietly when
+        it was made with another rubric (it comes back if that rubric does)."""
         if not self.path.is_file():
             return self.entries
         data = self.path.read_bytes()
         offset = 0
-        for line in data.splitlines(keepends=True):
+        for number, line in enumerate(data.splitlines(keepends=True), start=1):
             entry = self._parse(line, offset, complete=line.endswith(b"\n"))
-            if entry is not None:
-                self.entries.setdefault(entry["key"], entry)
             offset += len(line)
+            if entry is None:
+                continue
+            problem = entry_problem(entry, rubric)
+            if problem is None:
+                self.entries.setdefault(entry["key"], entry)
+            elif entry.get("prompt_version") in (prompt_version, None):
+                log.warning("%s: line %d: discarded (%s); its record is judged again", self.path, number, problem)
         return self.entries
 
     def _parse(self, line: bytes, offset: int, *, complete: bool) -> dict[str, Any] | None:
         try:
             entry = json.loads(line)
-            if not isinstance(entry, dict) or "key" not in entry or "scores" not in entry:
+            if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or "scores" not in entry:
                 raise ValueError("not a cache entry")
         except ValueError:
             if not complete:
@@ -123,7 +158,8 @@ def exclusive_lock(cache_path: Path) -> Iterator[None]:
     except ImportError:  # Windows: no advisory lock; do not run two judges at once
         yield
         return
-    lock_path = Path(f"{cache_path}.lock")
+    # Keyed by the real path: the same cache reached through a symlink (or another spelling) is the same lock.
+    lock_path = Path(f"{Path(cache_path).resolve()}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as handle:
         try:

@@ -66,7 +66,7 @@ class Estimate:
 def _output_estimate(ctx: JudgeContext, cached: Mapping[str, dict[str, Any]]) -> tuple[float, str]:
     prompt = ctx.prompt
     seen = [
-        e["usage"]["output_tokens"] / max(int(e.get("attempts", 1)), 1)
+        e["usage"].get("output_tokens", 0) / (e["attempts"] if isinstance(e.get("attempts"), int) else 1)
         for e in cached.values()
         if e.get("prompt_version") == prompt.version and e.get("model") == prompt.model and "usage" in e
     ]

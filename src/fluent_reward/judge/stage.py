@@ -68,7 +68,7 @@ def run_judge(
     reference = load_reference(ctx.cfg.reference, ctx.rubric)
     if dry_run:
         cache = JudgeCache(ctx.paths.judge_cache)
-        plan = make_plan(records, reference, cache.load(), ctx.prompt, ctx.cfg.samples)
+        plan = make_plan(records, reference, cache.load(ctx.rubric, ctx.prompt.version), ctx.prompt, ctx.cfg.samples)
         return JudgeSummary(status="dry_run", metrics={}, estimate=_estimate_only(ctx, plan, cache))
     with exclusive_lock(ctx.paths.judge_cache):
         cache = JudgeCache(ctx.paths.judge_cache)
@@ -98,7 +98,7 @@ def _refuse_without_key(ctx: JudgeContext, plan: Plan, cache: JudgeCache, ledger
 
 
 def _judge(ctx: JudgeContext, records: list[dict[str, Any]], reference: ReferenceIndex, cache: JudgeCache) -> Any:
-    plan = make_plan(records, reference, cache.load(), ctx.prompt, ctx.cfg.samples)
+    plan = make_plan(records, reference, cache.load(ctx.rubric, ctx.prompt.version), ctx.prompt, ctx.cfg.samples)
     ledger = BatchLedger(ctx.paths.judge_batches)
     needs_api = bool(plan.units) or ledger.has_work()
     if needs_api and ctx.api_key is None:
