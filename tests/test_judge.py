@@ -268,7 +268,9 @@ def test_refusals_stop_at_once_with_the_api_message(judge_project, fake_api, mon
     if setup == "bad_key":
         monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-wrong")
     else:
-        prices = {"claude-nonexistent-1": {"input": 1, "output": 1, "cache_write": 1, "cache_read": 1}}
+        prices = {
+            "claude-nonexistent-1": {"input": 1, "output": 1, "cache_write_5m": 1, "cache_write_1h": 1, "cache_read": 1}
+        }
         judge_project.set_judge(model="claude-nonexistent-1", prices=prices)
     assert judge_project.run() == 2
     err = capsys.readouterr().err
@@ -646,3 +648,16 @@ def test_a_symlinked_cache_is_refused_while_another_judge_holds_it(judge_project
         assert judge_project.run() == 2
     assert f"{link}: another `fluent-reward judge` is using this cache (lock {real}.lock)" in capsys.readouterr().err
     assert fake_api.requests == []
+
+
+@pytest.mark.parametrize("ttl", ["5m", "1h"])
+def test_cache_writes_cost_the_price_of_the_configured_ttl(judge_project, fake_api, ttl):
+    judge_project.set_judge(prompt_cache_ttl=ttl)
+    assert judge_project.run() == 0
+    price = load_params(judge_project.params_path).judge.prices["claude-sonnet-4-6"]
+    write = price.cache_write_1h if ttl == "1h" else price.cache_write_5m
+    assert write == {"5m": 3.75, "1h": 6.0}[ttl]  # the table in params.yaml
+    metrics = judge_project.metrics()
+    assert metrics["cache_creation_input_tokens"] > 0
+    expected = billed_cost(fake_api, price=(price.input, price.output, write, price.cache_read))
+    assert metrics["estimated_cost_usd"] == pytest.approx(expected, abs=1e-6)

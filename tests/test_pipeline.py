@@ -67,6 +67,7 @@ def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_p
         data.validated: b'{"id": "a"}\n',
         data.judgments: '{"judgments": [{"id": "a", "rationale": "¡bien!"}]}\n'.encode(),
         data.judge_cache: b'{"key": "k1", "scores": {}}\n{"key": "k2"',  # a torn last line survives too
+        data.judge_batches: b'{"batches": [{"id": "msgbatch_1", "collected": false}], "submitting": null}\n',
         data.splits: b'{"groups": {}}\n',
         data.model_dir / "model.safetensors": bytes(range(256)) * 64,
         data.model_dir / "fluent_reward.json": b'{"dimensions": []}\n',
@@ -91,7 +92,7 @@ def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_p
     remote = tmp_path / "remote"
     _dvc(project, "remote", "add", "-d", "local", str(remote))
     _dvc(project, "push", "-q")
-    for path in (data.validated, data.judgments, data.judge_cache, data.splits):
+    for path in (data.validated, data.judgments, data.judge_cache, data.judge_batches, data.splits):
         (project / path).unlink()
     shutil.rmtree(project / data.model_dir)
     shutil.rmtree(project / ".dvc" / "cache")

@@ -101,10 +101,19 @@ class ValidateConfig(_Section):
 class Price(_Section):
     """USD per million tokens (standard tier). The SDK carries no prices: keep this table current."""
 
-    input: float = Field(ge=0)
-    output: float = Field(ge=0)
-    cache_write: float = Field(ge=0)
-    cache_read: float = Field(ge=0)
+    input: float = Field(ge=0, allow_inf_nan=False, description="Uncached input tokens.")
+    output: float = Field(ge=0, allow_inf_nan=False, description="Output tokens.")
+    cache_write_5m: float = Field(
+        ge=0, allow_inf_nan=False, description="Prompt-cache writes with prompt_cache_ttl 5m (1.25x input)."
+    )
+    cache_write_1h: float = Field(
+        ge=0, allow_inf_nan=False, description="Prompt-cache writes with prompt_cache_ttl 1h (2x input)."
+    )
+    cache_read: float = Field(ge=0, allow_inf_nan=False, description="Prompt-cache reads (0.1x input).")
+
+    def cache_write(self, ttl: str) -> float:
+        """The cache-write price of prompt caching with this lifetime ("5m" or "1h")."""
+        return self.cache_write_1h if ttl == "1h" else self.cache_write_5m
 
 
 class JudgeConfig(_Section):

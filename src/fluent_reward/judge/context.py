@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from fluent_reward.config import DataPaths, JudgeConfig, Params, Price, Rubric
+from fluent_reward.config import DataPaths, JudgeConfig, Params, Rubric
 from fluent_reward.judge.cache import JudgeCache
 from fluent_reward.judge.client import (
     ClientFactory,
@@ -25,7 +25,7 @@ from fluent_reward.judge.client import (
     default_client_factory,
     resolve_api_settings,
 )
-from fluent_reward.judge.cost import Budget, Tally, add_usage, cost_usd
+from fluent_reward.judge.cost import Budget, Rates, Tally, add_usage, cost_usd
 from fluent_reward.judge.progress import Progress
 from fluent_reward.judge.prompt import Prompt
 
@@ -45,7 +45,7 @@ class JudgeContext:
     rubric: Rubric
     paths: DataPaths
     prompt: Prompt
-    price: Price
+    price: Rates  # judge.prices of the model, cache writes at the prompt_cache_ttl's price
     api_key: str | None
     base_url: str | None
     client_factory: ClientFactory
@@ -61,7 +61,7 @@ class JudgeContext:
             rubric=params.rubric,
             paths=params.data,
             prompt=Prompt.build(params.rubric, params.judge),
-            price=params.judge.price(),
+            price=Rates.of(params.judge.price(), params.judge.prompt_cache_ttl),
             api_key=key,
             base_url=base_url,
             client_factory=client_factory or default_client_factory,

@@ -37,7 +37,22 @@ def usage_of(usage: Any, what: str = "a reply") -> dict[str, int]:
     return counts
 
 
-def cost_usd(usage: Mapping[str, int], price: Price, factor: float = 1.0) -> float:
+@dataclass(frozen=True)
+class Rates:
+    """USD per million tokens for one run: ``judge.prices`` of the model, with the cache-write price of the
+    configured ``prompt_cache_ttl`` (1-hour writes cost more than 5-minute ones)."""
+
+    input: float
+    output: float
+    cache_write: float
+    cache_read: float
+
+    @classmethod
+    def of(cls, price: Price, ttl: str) -> Rates:
+        return cls(price.input, price.output, price.cache_write(ttl), price.cache_read)
+
+
+def cost_usd(usage: Mapping[str, int], price: Rates, factor: float = 1.0) -> float:
     """Dollars for ``usage`` at ``price`` (USD per million tokens); ``factor`` is the batch discount."""
     dollars = (
         usage.get("input_tokens", 0) * price.input
