@@ -36,7 +36,8 @@ from tests.fake_anthropic import API_KEY, FakeAnthropic  # noqa: E402
 def make_project(folder: Path, records: int, concurrency: int) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"] = {key: str(folder / value) for key, value in params["data"].items()}
-    params["judge"].update(reference=[], max_concurrency=concurrency)
+    (folder / "reference").mkdir()
+    params["judge"].update(reference_dir=str(folder / "reference"), max_concurrency=concurrency)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     write_jsonl(params["data"]["validated"], judge_records(records))

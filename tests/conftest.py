@@ -117,7 +117,7 @@ def fake_api(monkeypatch):
 
 @pytest.fixture
 def judge_project(tmp_path, monkeypatch) -> JudgeProject:
-    """A project in tmp_path with 12 validated records, no reference files and fast test settings.
+    """A project in tmp_path with 12 validated records, an empty reference folder and fast test settings.
 
     The environment starts with no key and no base URL; ``fake_api`` sets both.
     """
@@ -130,13 +130,14 @@ def judge_project(tmp_path, monkeypatch) -> JudgeProject:
     data = {key: tmp_path / value for key, value in params["data"].items()}
     params["data"] = {key: str(path) for key, path in data.items()}
     params["judge"].update(
-        reference=[],
+        reference_dir=str(tmp_path / "reference"),
         max_concurrency=4,
         sdk_max_retries=3,
         rate_limit_max_wait_s=2,
         timeout_s=10,
         batch_poll_interval_s=0.05,
     )
+    (tmp_path / "reference").mkdir()  # no reference judgments unless a test writes some
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     project = JudgeProject(tmp_path, params_path, data)

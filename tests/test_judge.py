@@ -469,9 +469,8 @@ def test_reference_only_run_needs_no_key(judge_project, fake_api, monkeypatch):
         {k: r[k] for k in ("context", "student_message", "tutor_response")} | {"scores": scores, "rationale": "c"}
         for r in records[6:]
     ]
-    path = judge_project.root / "reference.json"
+    path = judge_project.root / "reference" / "reference.json"
     path.write_text(json.dumps(_reference(by_id + by_content)))
-    judge_project.set_judge(reference=[str(path)])
     assert judge_project.run() == 0
     doc = judge_project.judgments()
     assert [j["source"] for j in doc["judgments"]] == ["reference"] * 12
@@ -484,9 +483,8 @@ def test_reference_only_run_needs_no_key(judge_project, fake_api, monkeypatch):
 
 
 def test_reference_covers_some_records_and_the_rest_are_judged(judge_project, fake_api):
-    path = judge_project.root / "reference.json"
+    path = judge_project.root / "reference" / "reference.json"
     path.write_text(json.dumps(_reference([{"id": "r0000", "scores": dict.fromkeys(DIMS, 3)}])))
-    judge_project.set_judge(reference=[str(path)])
     assert judge_project.run() == 0
     assert "r0000" not in {record_of(r) for r in fake_api.requests}
     assert len(fake_api.billed()) == 11
@@ -494,10 +492,9 @@ def test_reference_covers_some_records_and_the_rest_are_judged(judge_project, fa
 
 def test_a_judge_output_file_can_be_imported(judge_project, fake_api, tmp_path):
     assert judge_project.run() == 0
-    exported = tmp_path / "earlier_run.json"
+    exported = judge_project.root / "reference" / "earlier_run.json"
     exported.write_bytes(judge_project.data["judgments"].read_bytes())
     judge_project.data["judge_cache"].unlink()
-    judge_project.set_judge(reference=[str(exported)])
     assert judge_project.run() == 0
     doc = judge_project.judgments()
     assert {j["source"] for j in doc["judgments"]} == {"import"}
@@ -515,17 +512,15 @@ def test_a_judge_output_file_can_be_imported(judge_project, fake_api, tmp_path):
     ],
 )
 def test_bad_reference_files_name_the_file_and_record(judge_project, capsys, entry, message):
-    path = judge_project.root / "bad_reference.json"
+    path = judge_project.root / "reference" / "bad_reference.json"
     path.write_text(json.dumps(_reference([entry])))
-    judge_project.set_judge(reference=[str(path)])
     assert judge_project.run() == 2
     assert re.search(re.escape(str(path)) + r": judgment 1\b.*: " + message, capsys.readouterr().err)
 
 
 def test_reference_on_another_scale_is_refused(judge_project, capsys):
-    path = judge_project.root / "five_point.json"
+    path = judge_project.root / "reference" / "five_point.json"
     path.write_text(json.dumps(_reference([], scale={"min": 1, "max": 5})))
-    judge_project.set_judge(reference=[str(path)])
     assert judge_project.run() == 2
     assert "scale 1..5, but rubric.scale is 1..10" in capsys.readouterr().err
 
@@ -661,3 +656,29 @@ def test_cache_writes_cost_the_price_of_the_configured_ttl(judge_project, fake_a
     assert metrics["cache_creation_input_tokens"] > 0
     expected = billed_cost(fake_api, price=(price.input, price.output, write, price.cache_read))
     assert metrics["estimated_cost_usd"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_reference_files_are_every_json_and_jsonl_in_the_folder_in_name_order(judge_project, fake_api):
+    folder = judge_project.root / "reference"
+    records = judge_records(12)
+    scores = dict.fromkeys(DIMS, 4)
+    (folder / "a.json").write_text(json.dumps(_reference([{"id": "r0000", "scores": scores, "rationale": "a"}])))
+    lines = [{"id": r["id"], "scores": dict.fromkeys(DIMS, 6), "rationale": "b"} for r in records[:3]]
+    (folder / "b.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "notes.txt").write_text("not a reference file")
+    assert judge_project.run() == 0
+    doc = {j["id"]: j for j in judge_project.judgments()["judgments"]}
+    assert doc["r0000"]["rationale"] == "a" and doc["r0000"]["source"] == "reference"  # a.json comes first
+    assert doc["r0001"]["scores"]["clarity"] == 6 and doc["r0001"]["source"] == "import"
+    assert len(fake_api.billed()) == 9
+
+
+def test_a_bad_jsonl_line_and_a_missing_folder_are_named(judge_project, capsys):
+    bad = judge_project.root / "reference" / "ratings.jsonl"
+    bad.write_text('{"id": "r0000", "scores": {}}\n{not json\n')
+    assert judge_project.run() == 2
+    assert f"error: {bad}: line 2: not valid JSON" in capsys.readouterr().err
+    judge_project.set_judge(reference_dir=str(judge_project.root / "missing"))
+    assert judge_project.run() == 2
+    err = capsys.readouterr().err
+    assert f"{judge_project.root / 'missing'}: reference folder not found (judge.reference_dir)" in err

@@ -26,7 +26,7 @@ def _sample_report():
 def sample():
     params = load_params(ROOT / "params.yaml")
     records = json.loads((SAMPLE / "conversations.json").read_text(encoding="utf-8"))
-    reference = json.loads((SAMPLE / "reference_judgments.json").read_text(encoding="utf-8"))
+    reference = json.loads((SAMPLE / "reference" / "reference_judgments.json").read_text(encoding="utf-8"))
     return params, records, reference
 
 

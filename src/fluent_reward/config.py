@@ -125,7 +125,11 @@ class JudgeConfig(_Section):
     )
     samples: int = Field(ge=1, description="Independent judgments per record, averaged; >= 2 measures test-retest.")
     max_tokens: int = Field(gt=0, le=21333, description="Output token limit per judgment call.")
-    reference: list[Path] = Field(description="Files of judgments used instead of asking Claude (by content or id).")
+    reference_dir: Path = Field(
+        description="Folder of judgments used instead of asking Claude (by content or id): every *.json and "
+        "*.jsonl file in it, in name order. dvc.yaml lists the folder as a judge dependency, so editing a label "
+        "re-runs the judge."
+    )
     max_concurrency: int = Field(ge=1, description="Concurrent requests in messages mode.")
     sdk_max_retries: int = Field(ge=0, description="The SDK's own retries (429, 529, 5xx, connection, timeout).")
     rate_limit_max_wait_s: float = Field(ge=0, description="Our bounded extra wait per call after the SDK gives up.")

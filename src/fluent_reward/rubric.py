@@ -230,8 +230,8 @@ def render_criteria_doc(rubric: Rubric) -> str:
         "- After an edit, run `fluent-reward rubric --write-docs` to regenerate this file (a test checks that it is "
         "up to date), then `dvc repro`.",
         "",
-        "Reference or imported judgments (`judge.reference`) must give every dimension a score on the scale; they "
-        "are used as they are and not re-judged when the prompt changes.",
+        "Reference or imported judgments (the files in `judge.reference_dir`) must give every dimension a score on "
+        "the scale; they are used as they are and not re-judged when the prompt changes.",
         "",
     ]
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 What gets sent where, and why:
 
-- Records covered by ``judge.reference`` files (by content, else by id) are taken as they are: never sent.
+- Records covered by the files in ``judge.reference_dir`` (by content, else by id) are taken as they are: never sent.
 - Every other record needs ``judge.samples`` judgments. Each is keyed by a hash of (the rendered user message, the
   model, ``prompt_version``, the sample index) and looked up in the append-only JSONL cache (``data.judge_cache``),
   which is fsync'ed after every judgment: a run killed at any moment loses at most the calls in flight.
@@ -19,7 +19,7 @@ One module per concern:
 |---|---|
 | ``prompt`` | the ``Prompt`` (system blocks, forced tool, request params) and the local token estimate |
 | ``reply`` | validating a reply (``parse_judgment``) and the re-ask conversation |
-| ``reference`` | judgments supplied by file (``judge.reference``) |
+| ``reference`` | judgments supplied by file (``judge.reference_dir``) |
 | ``cache`` | the append-only JSONL cache, its keys, the one-judge-per-cache lock |
 | ``plan`` | what is supplied, cached, and still to judge |
 | ``cost`` | usage, prices, the run's tally, the budget |
@@ -39,7 +39,7 @@ from fluent_reward.judge.estimate import Estimate
 from fluent_reward.judge.outputs import JudgeSummary
 from fluent_reward.judge.plan import Plan, Unit, make_plan
 from fluent_reward.judge.prompt import Prompt
-from fluent_reward.judge.reference import load_reference
+from fluent_reward.judge.reference import load_reference, reference_files
 from fluent_reward.judge.reply import InvalidOutput, parse_judgment
 from fluent_reward.judge.stage import run_judge
 
@@ -58,6 +58,7 @@ __all__ = [
     "load_reference",
     "make_plan",
     "parse_judgment",
+    "reference_files",
     "resolve_api_settings",
     "run_judge",
 ]

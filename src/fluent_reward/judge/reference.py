@@ -1,8 +1,10 @@
-"""Judgments supplied by file (``judge.reference``): reading and checking them, and looking a record up by its
-content (the three texts) or by its id. Records they cover are never sent to the API."""
+"""Judgments supplied by file (every ``*.json`` / ``*.jsonl`` in ``judge.reference_dir``): finding, reading and
+checking them, and looking a record up by its content (the three texts) or by its id. Records they cover are never
+sent to the API. The folder is a dependency of the judge stage in dvc.yaml, so editing a label re-runs the judge."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Supplied:
-    """A judgment supplied by a file (``judge.reference``), used as it is."""
+    """A judgment supplied by a file (``judge.reference_dir``), used as it is."""
 
     scores: dict[str, float]
     rationale: str
@@ -44,8 +46,21 @@ def content_key(record: Mapping[str, Any]) -> str:
     return stable_hash(record["context"], record["student_message"], record["tutor_response"], length=24)
 
 
+REFERENCE_SUFFIXES = (".json", ".jsonl")
+
+
+def reference_files(folder: Path) -> list[Path]:
+    """Every ``*.json`` and ``*.jsonl`` file in ``folder`` (not its subfolders), in name order."""
+    if not folder.is_dir():
+        raise FluentRewardError(
+            f"{folder}: reference folder not found (judge.reference_dir); create it (it may be empty) or point "
+            "judge.reference_dir at the folder of your reference judgments"
+        )
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in REFERENCE_SUFFIXES)
+
+
 def load_reference(paths: Sequence[Path], rubric: Rubric) -> ReferenceIndex:
-    """Read and check every ``judge.reference`` file; the first file supplying a record wins.
+    """Read and check every reference file; the first file (in name order) supplying a record wins.
 
     Raises FluentRewardError naming the file and the entry when one is unusable (a missing dimension, a score
     off the scale, no id and no content), so a bad import never turns into silent training targets.
@@ -58,11 +73,24 @@ def load_reference(paths: Sequence[Path], rubric: Rubric) -> ReferenceIndex:
     return index
 
 
+def _read_jsonl(path: Path) -> dict[str, Any]:
+    """A ``.jsonl`` reference file: one judgment per line, imported (it has no file-level fields)."""
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except ValueError as exc:
+            raise FluentRewardError(f"{path}: line {number}: not valid JSON: {exc}") from None
+    return {"source": "import", "judgments": entries}
+
+
 def _read_document(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FluentRewardError(f"{path}: reference judgments file not found (listed in judge.reference)")
+        raise FluentRewardError(f"{path}: reference judgments file not found")
     try:
-        data = read_json(path)
+        data = _read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FluentRewardError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("judgments"), list):

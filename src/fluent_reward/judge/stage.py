@@ -29,7 +29,7 @@ from fluent_reward.judge.outputs import (
 )
 from fluent_reward.judge.plan import Plan, make_plan
 from fluent_reward.judge.progress import Progress
-from fluent_reward.judge.reference import ReferenceIndex, load_reference
+from fluent_reward.judge.reference import ReferenceIndex, load_reference, reference_files
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run_judge(
     """
     ctx = JudgeContext.build(params, client_factory, show_progress)
     records = _read_records(ctx.paths.validated)
-    reference = load_reference(ctx.cfg.reference, ctx.rubric)
+    reference = load_reference(reference_files(ctx.cfg.reference_dir), ctx.rubric)
     if dry_run:
         cache = JudgeCache(ctx.paths.judge_cache)
         plan = make_plan(records, reference, cache.load(ctx.rubric, ctx.prompt.version), ctx.prompt, ctx.cfg.samples)
@@ -93,7 +93,7 @@ def _refuse_without_key(ctx: JudgeContext, plan: Plan, cache: JudgeCache, ledger
     waiting = f" ({open_batches} batches submitted earlier wait to be collected)" if open_batches else ""
     raise FluentRewardError(
         f"{estimate.records_to_judge} records need judging{waiting}; estimated cost ${dollars:.2f}; set "
-        "ANTHROPIC_API_KEY (environment or .env), or supply their judgments in judge.reference"
+        "ANTHROPIC_API_KEY (environment or .env), or supply their judgments in judge.reference_dir"
     )
 
 
