@@ -682,3 +682,64 @@ def test_a_bad_jsonl_line_and_a_missing_folder_are_named(judge_project, capsys):
     assert judge_project.run() == 2
     err = capsys.readouterr().err
     assert f"{judge_project.root / 'missing'}: reference folder not found (judge.reference_dir)" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged inputs and outputs: one line naming the file, never a traceback
+
+
+def test_a_garbage_batch_ledger_is_named(judge_project, fake_api, capsys):
+    ledger = judge_project.data["judge_batches"]
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    for garbage in ('{"batches": [{"id": "msgbatch_1"}]}', "[1, 2]", "{not json"):
+        ledger.write_text(garbage)
+        assert judge_project.run() == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {ledger}: ") and "fix or delete it" in err and "Traceback" not in err
+    assert fake_api.requests == []
+
+
+def test_a_garbage_validated_file_is_named(judge_project, capsys):
+    path = judge_project.data["validated"]
+    path.write_text('{"id": "a", "group_id": "g"}\n')
+    assert judge_project.run() == 2
+    assert f"error: {path}: record 1: no text in context, student_message, tutor_response" in capsys.readouterr().err
+    path.write_text("{not json\n")
+    assert judge_project.run() == 2
+    assert f"error: {path}: not a validated JSONL file" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_folder_is_named(judge_project, fake_api, capsys):
+    judge_project.data["judgments"].mkdir(parents=True)
+    assert judge_project.run() == 2
+    err = capsys.readouterr().err
+    assert f"error: {judge_project.data['judgments']}: data.judgments must be a file, but it is a folder" in err
+    assert fake_api.requests == []
+
+
+def test_a_full_disk_is_one_line_and_what_was_judged_stays(judge_project, fake_api, monkeypatch, capsys):
+    import errno
+    import os
+
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert judge_project.run() == 2
+    err = capsys.readouterr().err  # (the fake's own thread may log the dropped connection)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith("cannot write (No space left on device); what was judged is cached")
+    assert "fluent_reward/judge" not in err  # no traceback from the judge
+    assert len(judge_project.cache_lines()) >= 1
+
+
+@pytest.mark.parametrize("key", ["rate_limit_max_wait_s", "timeout_s", "max_budget_usd", "max_failure_ratio"])
+def test_non_finite_judge_settings_are_refused_naming_the_key(judge_project, capsys, key):
+    judge_project.set_judge(**{key: float("nan")})
+    assert judge_project.run() == 2
+    assert f"judge.{key}: Input should be a finite number" in capsys.readouterr().err

@@ -132,8 +132,10 @@ class JudgeConfig(_Section):
     )
     max_concurrency: int = Field(ge=1, description="Concurrent requests in messages mode.")
     sdk_max_retries: int = Field(ge=0, description="The SDK's own retries (429, 529, 5xx, connection, timeout).")
-    rate_limit_max_wait_s: float = Field(ge=0, description="Our bounded extra wait per call after the SDK gives up.")
-    timeout_s: float = Field(gt=0, description="Timeout of one HTTP request, in seconds.")
+    rate_limit_max_wait_s: float = Field(
+        ge=0, allow_inf_nan=False, description="Our bounded extra wait per call after the SDK gives up."
+    )
+    timeout_s: float = Field(gt=0, allow_inf_nan=False, description="Timeout of one HTTP request, in seconds.")
     invalid_output_retries: int = Field(ge=0, description="Re-asks of an invalid reply before the record fails.")
     max_failure_ratio: float = Field(
         ge=0,
@@ -148,11 +150,15 @@ class JudgeConfig(_Section):
     )
     prompt_cache_ttl: Literal["5m", "1h"] = Field(description="Prompt caching lifetime of the rubric system prompt.")
     batch_max_requests: int = Field(ge=1, le=100_000, description="Requests per batch (the API allows 100,000).")
-    batch_poll_interval_s: float = Field(gt=0, description="Seconds between polls of open batches.")
+    batch_poll_interval_s: float = Field(
+        gt=0, allow_inf_nan=False, description="Seconds between polls of open batches."
+    )
     batch_max_resubmits: int = Field(
         ge=0, description="Errored/expired batch requests are resubmitted at most this often."
     )
-    batch_discount: float = Field(gt=0, le=1, description="Message Batches cost this fraction of the standard price.")
+    batch_discount: float = Field(
+        gt=0, le=1, allow_inf_nan=False, description="Message Batches cost this fraction of the standard price."
+    )
     prices: dict[str, Price] = Field(description="USD per million tokens, per model (the SDK has no prices).")
 
     def price(self) -> Price:

@@ -43,6 +43,18 @@ class BatchLedger:
                 self.data = read_json(self.path)
             except ValueError as exc:
                 raise FluentRewardError(f"{self.path}: unreadable batch ledger ({exc}); fix or delete it") from None
+            self._check()
+
+    def _check(self) -> None:
+        """The ledger's shape, so a hand edit is one clear error instead of a KeyError mid-run."""
+        data = self.data
+        shaped = isinstance(data, dict) and isinstance(data.get("batches"), list)
+        entries = [*data["batches"], *([data["submitting"]] if data.get("submitting") else [])] if shaped else []
+        if not shaped or not all(_ledger_entry_ok(e) for e in entries):
+            raise FluentRewardError(
+                f'{self.path}: not a batch ledger (expected {{"batches": [{{"id", "submitted_at", "requests", ...}}], '
+                '"submitting"}); fix or delete it (batches listed in it are then not collected)'
+            )
 
     def save(self) -> None:
         write_json(self.path, self.data)
@@ -56,6 +68,20 @@ class BatchLedger:
     def has_work(self) -> bool:
         """Batches to collect, or a submission an interrupted run may have made."""
         return bool(self.open_batches() or self.data.get("submitting"))
+
+
+_REQUEST_FIELDS = ("record_id", "sample", "resubmits", "reasks")
+
+
+def _ledger_entry_ok(entry: Any) -> bool:
+    if not isinstance(entry, dict) or not all(k in entry for k in ("id", "model", "prompt_version")):
+        return False
+    if not isinstance(entry.get("submitted_at"), str):
+        return False
+    requests = entry.get("requests")
+    return isinstance(requests, dict) and all(
+        isinstance(r, dict) and all(f in r for f in _REQUEST_FIELDS) for r in requests.values()
+    )
 
 
 @dataclass

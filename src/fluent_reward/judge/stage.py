@@ -34,10 +34,33 @@ from fluent_reward.judge.reference import ReferenceIndex, load_reference, refere
 log = logging.getLogger(__name__)
 
 
+REQUIRED_FIELDS = ("id", "group_id", "context", "student_message", "tutor_response")
+
+
 def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The validated records; a damaged file is named with its line, never a traceback."""
     if not Path(path).is_file():
         raise FluentRewardError(f"{path}: validated records not found; run `fluent-reward validate` first")
-    return list(iter_jsonl(path))
+    try:
+        records = list(iter_jsonl(path))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FluentRewardError(f"{path}: not a validated JSONL file ({exc}); rerun `fluent-reward validate`") from None
+    for number, record in enumerate(records, start=1):
+        missing = [f for f in REQUIRED_FIELDS if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+        if missing:
+            raise FluentRewardError(
+                f"{path}: record {number}: no text in {', '.join(missing)}; rerun `fluent-reward validate`"
+            )
+    return records
+
+
+def _check_outputs(ctx: JudgeContext) -> None:
+    """Every path the stage writes must be a file (or not exist yet): a folder there is named, not a traceback."""
+    paths = ctx.paths
+    for name in ("judgments", "judge_metrics", "judge_cache", "judge_batches"):
+        path = getattr(paths, name)
+        if path.exists() and not path.is_file():
+            raise FluentRewardError(f"{path}: data.{name} must be a file, but it is a folder; move it away")
 
 
 def run_judge(
@@ -70,12 +93,17 @@ def run_judge(
         cache = JudgeCache(ctx.paths.judge_cache)
         plan = make_plan(records, reference, cache.load(ctx.rubric, ctx.prompt.version), ctx.prompt, ctx.cfg.samples)
         return JudgeSummary(status="dry_run", metrics={}, estimate=_estimate_only(ctx, plan, cache))
-    with exclusive_lock(ctx.paths.judge_cache):
-        cache = JudgeCache(ctx.paths.judge_cache)
-        try:
-            return _judge(ctx, records, reference, cache)
-        finally:
-            cache.close()
+    _check_outputs(ctx)
+    try:
+        with exclusive_lock(ctx.paths.judge_cache):
+            cache = JudgeCache(ctx.paths.judge_cache)
+            try:
+                return _judge(ctx, records, reference, cache)
+            finally:
+                cache.close()
+    except OSError as exc:  # disk full, permissions: one line; every judgment written before is in the cache
+        where = exc.filename or ctx.paths.judge_cache
+        raise FluentRewardError(f"{where}: cannot write ({exc.strerror or exc}); what was judged is cached") from None
 
 
 def _estimate_only(ctx: JudgeContext, plan: Plan, cache: JudgeCache) -> Any:
