@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import fluent_reward.judge.client as judge_client
 from fluent_reward.config import load_params
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.judge import InvalidOutput, exclusive_lock, parse_judgment, run_judge
@@ -148,13 +147,21 @@ def test_timeouts_on_slow_responses_are_retried(judge_project, fake_api):
     assert judge_project.metrics()["retries"] == 1
 
 
-def test_retry_after_is_capped_and_our_wait_is_bounded(judge_project, fake_api, monkeypatch):
-    monkeypatch.setattr(judge_client, "SDK_RETRY_AFTER_CAP_S", 0.05)
+def _quick_cap_client(**kwargs):
+    """The strict client, with the middleware's cap on the SDK's own retry-after waits lowered to 50 ms."""
+    kwargs["middleware"][0].cap_s = 0.05
+    return strict_client(**kwargs)
+
+
+def test_retry_after_is_capped_and_our_wait_is_bounded(judge_project, fake_api):
+    from fluent_reward.cli import main
+
     judge_project.set_judge(sdk_max_retries=1, rate_limit_max_wait_s=0.3, max_concurrency=1)
     fake_api.add_fault("429", times=3, retry_after=3600, match="respuesta r0000")
     fake_api.add_fault("429", times=100, retry_after=3600, match="respuesta r0001")
     started = time.monotonic()
-    assert judge_project.run() == 2  # r0001 is left unjudged (judge.max_failure_ratio is 0)
+    argv = ["--params", str(judge_project.params_path), "judge", "--no-progress"]
+    assert main(argv, judge_client_factory=_quick_cap_client) == 2  # r0001 is left unjudged (max_failure_ratio 0)
     assert time.monotonic() - started < 10  # not an hour
     metrics = judge_project.metrics()
     # r0000: SDK retry + our retry after 0.3 s, then success; r0001: never gets through, fails after our bounded wait
@@ -295,7 +302,8 @@ def test_one_record_refused_with_400_is_named_and_the_others_are_judged(judge_pr
     assert [record_of(r) for r in fake_api.billed()[11:]] == ["r0004"]
 
 
-def test_an_unreachable_api_ends_the_run_fast_with_one_line(judge_project, monkeypatch, capsys):
+@pytest.mark.parametrize("mode", ["messages", "batch"])
+def test_an_unreachable_api_ends_the_run_fast_with_one_line(judge_project, monkeypatch, capsys, mode):
     import socket
 
     with socket.socket() as sock:  # a port nobody listens on
@@ -303,7 +311,7 @@ def test_an_unreachable_api_ends_the_run_fast_with_one_line(judge_project, monke
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
     monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
-    judge_project.set_judge(sdk_max_retries=1, rate_limit_max_wait_s=60)
+    judge_project.set_judge(sdk_max_retries=1, rate_limit_max_wait_s=60, mode=mode)
     started = time.monotonic()
     assert judge_project.run() == 2
     assert time.monotonic() - started < 10  # not 60 s of waiting for each of 12 records

@@ -95,8 +95,9 @@ class _ApiMeter:
     """SDK middleware: counts every HTTP attempt and caps each retry-after the SDK will obey (see
     SDK_RETRY_AFTER_CAP_S); the original value is kept in another header for our own bounded wait."""
 
-    def __init__(self, tally: Tally) -> None:
+    def __init__(self, tally: Tally, cap_s: float = SDK_RETRY_AFTER_CAP_S) -> None:
         self.tally = tally
+        self.cap_s = cap_s  # a client factory may lower it (tests), never the stage
 
     async def handle_async(self, request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         self.tally.api_calls += 1
@@ -105,9 +106,9 @@ class _ApiMeter:
         response = await call_next(request)
         headers = response.http_response.headers
         wait = header_seconds(headers)
-        if wait is not None and wait > SDK_RETRY_AFTER_CAP_S:
+        if wait is not None and wait > self.cap_s:
             headers[_ORIGINAL_RETRY_AFTER] = f"{wait:g}"
-            headers["retry-after"] = f"{SDK_RETRY_AFTER_CAP_S:g}"
+            headers["retry-after"] = f"{self.cap_s:g}"
             headers.pop("retry-after-ms", None)
         return response
 
