@@ -25,9 +25,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fluent_reward import judge  # noqa: E402
 from fluent_reward.config import load_params  # noqa: E402
 from fluent_reward.io import write_jsonl  # noqa: E402
+from fluent_reward.judge import prompt as judge_prompt  # noqa: E402
+from fluent_reward.judge import run_judge  # noqa: E402
 from tests.conftest import judge_records  # noqa: E402
 from tests.fake_anthropic import API_KEY, FakeAnthropic  # noqa: E402
 
@@ -36,7 +37,8 @@ def make_project(folder: Path, records: int, concurrency: int) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text())  # the rubric file, inlined
     params["data"] = {key: str(folder / value) for key, value in params["data"].items()}
-    params["judge"].update(reference=[], max_concurrency=concurrency)
+    (folder / "reference").mkdir()
+    params["judge"].update(reference_dir=str(folder / "reference"), max_concurrency=concurrency)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     write_jsonl(params["data"]["validated"], judge_records(records))
@@ -83,7 +85,7 @@ def run_once(fake: FakeProcess, records: int, concurrency: int) -> tuple[float, 
     with tempfile.TemporaryDirectory() as tmp:
         params = load_params(make_project(Path(tmp), records, concurrency))
         started = time.perf_counter()
-        summary = judge.run_judge(params)
+        summary = run_judge(params)
         return time.perf_counter() - started, summary.metrics, fake.ask("reset_peak")
 
 
@@ -106,15 +108,15 @@ def caching(fake: FakeProcess, records: int) -> None:
     print(f"\ntoken accounting for {records} records (claude-sonnet-4-6 prices from params.yaml)")
     print(f"{'prompt caching':>14} {'input':>9} {'cache write':>12} {'cache read':>11} {'output':>8} {'cost USD':>9}")
     rows = {}
-    original = judge.Prompt.system_blocks
+    original = judge_prompt.Prompt.system_blocks
     for label in ("on", "off"):
         if label == "off":
-            judge.Prompt.system_blocks = lambda self: [{"type": "text", "text": self.system}]
+            judge_prompt.Prompt.system_blocks = lambda self: [{"type": "text", "text": self.system}]
         fake.ask("forget_prompt_cache")  # each run starts cold, as a first run would
         try:
             _, m, _ = run_once(fake, records, 8)
         finally:
-            judge.Prompt.system_blocks = original
+            judge_prompt.Prompt.system_blocks = original
         rows[label] = m
         print(
             f"{label:>14} {m['input_tokens']:>9,} {m['cache_creation_input_tokens']:>12,} "

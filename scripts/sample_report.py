@@ -26,7 +26,7 @@ SAMPLE = Path("data/sample")
 def load(params_path: Path) -> tuple[list[dict], dict[str, dict], object]:
     rubric = load_params(params_path).rubric
     records = json.loads((SAMPLE / "conversations.json").read_text(encoding="utf-8"))
-    judged = json.loads((SAMPLE / "reference_judgments.json").read_text(encoding="utf-8"))["judgments"]
+    judged = json.loads((SAMPLE / "reference" / "reference_judgments.json").read_text(encoding="utf-8"))["judgments"]
     return records, {j["id"]: j for j in judged}, rubric
 
 

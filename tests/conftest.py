@@ -21,10 +21,10 @@ from tests.fake_anthropic import API_KEY, FakeAnthropic
 ROOT = Path(__file__).resolve().parents[1]
 # Runs the real CLI in a subprocess with the SDK's strict response validation on, as the in-process tests do.
 JUDGE_LAUNCHER = (
-    "import sys, anthropic, fluent_reward.judge as j\n"
-    "j._default_client_factory = lambda **kw: anthropic.AsyncAnthropic(_strict_response_validation=True, **kw)\n"
+    "import sys, anthropic\n"
     "from fluent_reward.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
+    "factory = lambda **kw: anthropic.AsyncAnthropic(_strict_response_validation=True, **kw)\n"
+    "sys.exit(main(sys.argv[1:], judge_client_factory=factory))\n"
 )
 _LANGUAGES = ("Spanish", "French", "German", "Japanese")
 
@@ -45,6 +45,14 @@ def judge_records(n: int, *, prefix: str = "r") -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def strict_client(**kwargs: Any) -> Any:
+    """The client factory the judge tests pass: the SDK's client with strict response validation, so a wrong
+    shape in the fake fails loudly."""
+    import anthropic
+
+    return anthropic.AsyncAnthropic(_strict_response_validation=True, **kwargs)
 
 
 @dataclass
@@ -70,7 +78,8 @@ class JudgeProject:
         from fluent_reward.cli import main
 
         flags = ["-v"] if verbose else []
-        return main(["--params", str(self.params_path), *flags, "judge", "--no-progress", *args])
+        argv = ["--params", str(self.params_path), *flags, "judge", "--no-progress", *args]
+        return main(argv, judge_client_factory=strict_client)
 
     def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """The CLI in a subprocess (for kill -9 tests)."""
@@ -107,24 +116,13 @@ def fake_api(monkeypatch):
 
 
 @pytest.fixture
-def strict_sdk(monkeypatch):
-    """Every client the judge builds validates responses strictly, so a wrong shape in the fake fails loudly."""
-    import anthropic
-
-    import fluent_reward.judge as judge
-
-    def factory(**kwargs: Any) -> Any:
-        return anthropic.AsyncAnthropic(_strict_response_validation=True, **kwargs)
-
-    monkeypatch.setattr(judge, "_default_client_factory", factory)
-
-
-@pytest.fixture
-def judge_project(tmp_path, monkeypatch, strict_sdk) -> JudgeProject:
-    """A project in tmp_path with 12 validated records, no reference files and fast test settings.
+def judge_project(tmp_path, monkeypatch) -> JudgeProject:
+    """A project in tmp_path with 12 validated records, an empty reference folder and fast test settings.
 
     The environment starts with no key and no base URL; ``fake_api`` sets both.
     """
+    import anthropic  # noqa: F401 (imported here, so a test that times a run does not time the import)
+
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -133,13 +131,14 @@ def judge_project(tmp_path, monkeypatch, strict_sdk) -> JudgeProject:
     data = {key: tmp_path / value for key, value in params["data"].items()}
     params["data"] = {key: str(path) for key, path in data.items()}
     params["judge"].update(
-        reference=[],
+        reference_dir=str(tmp_path / "reference"),
         max_concurrency=4,
         sdk_max_retries=3,
         rate_limit_max_wait_s=2,
         timeout_s=10,
         batch_poll_interval_s=0.05,
     )
+    (tmp_path / "reference").mkdir()  # no reference judgments unless a test writes some
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     project = JudgeProject(tmp_path, params_path, data)

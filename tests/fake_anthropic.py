@@ -12,7 +12,9 @@ SDK's strict response validation in the tests):
 
 Fault injection (``add_fault``): HTTP errors with ``retry-after`` (429, 529, 500, 401, 400, 404), a connection
 dropped mid-response, slow responses, malformed tool output (missing dimension, out-of-range or non-integer score,
-text instead of the tool, truncated by ``max_tokens``), and batch results that are errored, expired or canceled.
+text instead of the tool, truncated by ``max_tokens``), a 200 whose body is an HTML page (a proxy's), a valid reply
+with impossible usage counts (``bad_usage``, ``usage={...}``), and batch results that are errored, expired or
+canceled.
 
 Every request is recorded (``requests``), with whether its response was delivered, so tests can assert what was paid.
 
@@ -38,7 +40,7 @@ from typing import Any
 
 API_KEY = "sk-ant-api03-FAKE-test-key-0123456789abcdef"
 MODELS = ("claude-sonnet-4-6", "claude-haiku-4-5", "claude-opus-4-6")
-MESSAGE_FAULTS = {"429", "529", "500", "401", "400", "404", "drop", "slow", "malformed"}
+MESSAGE_FAULTS = {"429", "529", "500", "401", "400", "404", "drop", "slow", "malformed", "html200", "bad_usage"}
 BATCH_RESULT_FAULTS = {"errored", "expired", "canceled"}
 MALFORMED_KINDS = ("missing_dimension", "out_of_range", "not_integer", "text_only", "max_tokens")
 _ERROR_TYPES = {
@@ -86,6 +88,7 @@ class Fault:
     delay_s: float = 0.0
     malformed: str = "missing_dimension"
     error_type: str = "api_error"
+    usage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -214,7 +217,8 @@ class FakeAnthropic:
         """Inject a fault into the next ``times`` matching requests (see the module docstring for the kinds).
 
         HTTP-level kinds: "429", "529", "500", "401", "400", "404" (``retry_after`` seconds adds the header),
-        "drop" (headers and half the body, then the connection is closed), "slow" (``delay_s``), "malformed"
+        "drop" (headers and half the body, then the connection is closed), "slow" (``delay_s``), "html200" (a 200
+        with an HTML body), "bad_usage" (the reply's usage updated with ``usage``), "malformed"
         (``malformed`` = one of MALFORMED_KINDS; also applies to batch results). ``path`` picks the endpoint.
         Batch-result kinds: "errored" (``error_type``), "expired", "canceled".
         """
@@ -246,7 +250,7 @@ class FakeAnthropic:
 
     def billed(self) -> list[Recorded]:
         """Messages requests that produced a judgment and delivered it (what a client could have paid for)."""
-        return [r for r in self.messages_requests() if r.status == 200 and r.delivered]
+        return [r for r in self.messages_requests() if r.status == 200 and r.delivered and r.usage]
 
     def batch_creations(self) -> list[Recorded]:
         return [r for r in self.requests if r.method == "POST" and r.path == "/v1/messages/batches"]
@@ -520,7 +524,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(record, exc.status, json.dumps(error).encode(), "application/json", exc.headers)
             return
         data = payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode()
+        if fault is not None and fault.kind == "html200":
+            self._send(record, 200, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
+            return
         if isinstance(payload, dict) and "usage" in payload:
+            if fault is not None and fault.kind == "bad_usage":
+                payload["usage"].update(fault.usage or {})
+                data = json.dumps(payload, ensure_ascii=False).encode()
             record.usage = payload["usage"]
         if fault is not None and fault.kind == "drop":
             self._send_torn(record, status, data, content_type)

@@ -29,7 +29,7 @@ def test_batch_end_to_end_with_errored_and_expired_resubmitted(batch_project, fa
     fake_api.add_fault("expired", match="respuesta r0005")
     fake_api.add_fault("errored", error_type="invalid_request_error", match="respuesta r0007")
     fake_api.add_fault("malformed", malformed="missing_dimension", match="respuesta r0009")
-    assert batch_project.run() == 0
+    assert batch_project.run() == 2  # r0007 was rejected: named, and the run is not a success
     creations = fake_api.batch_creations()
     assert [len(c.body["requests"]) for c in creations] == [5, 5, 2, 3]  # 12 split by 5, then 3 resubmitted
     resubmitted = creations[3].body["requests"]
@@ -60,7 +60,7 @@ def test_batch_end_to_end_with_errored_and_expired_resubmitted(batch_project, fa
 def test_expired_past_the_resubmit_limit_is_a_failure(batch_project, fake_api):
     batch_project.set_judge(batch_max_resubmits=1)
     fake_api.add_fault("expired", times=5, match="respuesta r0002")
-    assert batch_project.run() == 0
+    assert batch_project.run() == 2
     assert batch_project.judgments()["failed"] == ["r0002"]
     assert len(fake_api.batch_creations()) == 4  # 5 + 5 + 2, then one resubmission
     assert "expired (resubmitted 1 times)" in batch_project.metrics()["failure_reasons"][0]
@@ -98,7 +98,9 @@ def test_batch_accepted_but_id_not_saved_is_found_not_paid_again(batch_project, 
         prompt = Prompt.build(params.rubric, params.judge)
         records = [json.loads(x) for x in batch_project.data["validated"].read_text().splitlines()]
         cache = JudgeCache(batch_project.data["judge_cache"])
-        plan = make_plan(records, load_reference([], params.rubric), cache.load(), prompt, 1)
+        plan = make_plan(
+            records, load_reference([], params.rubric), cache.load(params.rubric, prompt.version), prompt, 1
+        )
         assert len(plan.units) == 2
         client = anthropic.AsyncAnthropic(api_key=API_KEY, base_url=fake_api.url, _strict_response_validation=True)
         requests = [
@@ -123,3 +125,28 @@ def test_batch_accepted_but_id_not_saved_is_found_not_paid_again(batch_project, 
     ledger = json.loads(ledger_path.read_text())
     assert ledger["batches"][-1]["id"] == lost_id and ledger["batches"][-1]["collected"]
     assert len(batch_project.judgments()["judgments"]) == 14
+
+
+def test_a_stale_batch_id_in_the_ledger_says_so_and_what_to_do(batch_project, fake_api, capsys):
+    ledger_path = batch_project.data["judge_batches"]
+    ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    stale = {
+        "id": "msgbatch_gone",
+        "submitted_at": "2026-01-01T00:00:00+00:00",
+        "model": "claude-sonnet-4-6",
+        "prompt_version": "p-old",
+        "requests": {"k1": {"record_id": "r0000", "sample": 0, "resubmits": 0, "reasks": 0}},
+        "collected": False,
+    }
+    ledger_path.write_text(json.dumps({"batches": [stale], "submitting": None}))
+    assert batch_project.run() == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: batch msgbatch_gone in {ledger_path} is unknown to the API (404 not_found_error: no route GET "
+        "/v1/messages/batches/msgbatch_gone): it was submitted with another key or workspace, or was deleted; its 1 "
+        f"requests cannot be collected. Remove that entry from {ledger_path} (or the file, if no other batch is "
+        "open) and rerun"
+    ) in err
+    assert "check judge.model" not in err and len(err.strip().splitlines()) == 1
+    ledger_path.unlink()
+    assert batch_project.run() == 0

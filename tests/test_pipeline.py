@@ -55,10 +55,8 @@ def test_every_data_path_in_dvc_yaml_is_templated_from_params():
             assert str(value) not in text, f"dvc.yaml writes {value} instead of ${{data.{key}}}"
 
 
-def test_reference_files_are_judge_dependencies():
-    deps = stages()["judge"]["deps"]
-    for path in load_params(ROOT / "params.yaml").judge.reference:
-        assert str(path) in deps, f"{path} is in judge.reference but not a dep of the judge stage"
+def test_the_reference_folder_is_a_judge_dependency():
+    assert "${judge.reference_dir}" in stages()["judge"]["deps"]
 
 
 def _dvc(cwd: Path, *args: str) -> str:
@@ -85,6 +83,7 @@ def _standin_project(root: Path, git: bool) -> tuple[Path, dict[Path, bytes]]:
         data.validated: b'{"id": "a"}\n',
         data.judgments: '{"judgments": [{"id": "a", "rationale": "¡bien!"}]}\n'.encode(),
         data.judge_cache: b'{"key": "k1", "scores": {}}\n{"key": "k2"',  # a torn last line survives too
+        data.judge_batches: b'{"batches": [{"id": "msgbatch_1", "collected": false}], "submitting": null}\n',
         data.splits: b'{"groups": {}}\n',
         data.model_dir / "model.safetensors": bytes(range(256)) * 64,
         data.model_dir / "fluent_reward.json": b'{"dimensions": []}\n',
@@ -117,7 +116,7 @@ def test_judgments_judge_cache_and_model_round_trip_through_a_local_remote(tmp_p
     remote = tmp_path / "remote"
     _dvc(project, "remote", "add", "-d", "local", str(remote))
     _dvc(project, "push", "-q")
-    for path in (data.validated, data.judgments, data.judge_cache, data.splits):
+    for path in (data.validated, data.judgments, data.judge_cache, data.judge_batches, data.splits):
         (project / path).unlink()
     shutil.rmtree(project / data.model_dir)
     shutil.rmtree(project / ".dvc" / "cache")
@@ -172,7 +171,9 @@ def _tiny_repo(root: Path) -> Path:
         del record["group_id"]
     sample = project / "data" / "sample"
     write_json(sample / "conversations.json", conversations)
-    write_json(sample / "reference_judgments.json", make_judgments(records, load_params(ROOT / "params.yaml")))
+    write_json(
+        sample / "reference" / "reference_judgments.json", make_judgments(records, load_params(ROOT / "params.yaml"))
+    )
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
     params["train"].update(
         backbone=str(make_tiny_backbone(root / "backbone")), max_length=64, epochs=1, batch_size=16, num_threads=1

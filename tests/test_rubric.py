@@ -172,10 +172,9 @@ def test_the_documented_own_rubric_runs_on_imported_ratings_without_a_key(judge_
     ratings = json.loads(_doc_example("ratings.json"))
     template = ratings["judgments"][0]
     ratings["judgments"] = [{**template, "id": r["id"]} for r in judge_records(12)]  # the doc's entry, per record
-    (judge_project.root / "ratings.json").write_text(json.dumps(ratings), encoding="utf-8")
+    (judge_project.root / "reference" / "ratings.json").write_text(json.dumps(ratings), encoding="utf-8")
     params = yaml.safe_load(judge_project.params_path.read_text(encoding="utf-8"))
-    params["rubric"] = example
-    params["judge"]["reference"] = [str(judge_project.root / "ratings.json")]
+    params["rubric"] = example  # judge.reference_dir is the project's reference folder already
     judge_project.params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
 
     assert judge_project.run() == 0  # no key, no anchors: nothing is sent

@@ -28,7 +28,7 @@ def sample():
     params = load_params(ROOT / "params.yaml")
     params = params.model_copy(update={"rubric": Rubric.model_validate(read_yaml(SAMPLE / "rubric.yaml"))})
     records = json.loads((SAMPLE / "conversations.json").read_text(encoding="utf-8"))
-    reference = json.loads((SAMPLE / "reference_judgments.json").read_text(encoding="utf-8"))
+    reference = json.loads((SAMPLE / "reference" / "reference_judgments.json").read_text(encoding="utf-8"))
     return params, records, reference
 
 

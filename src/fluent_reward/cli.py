@@ -152,7 +152,9 @@ def cmd_judge(params: Params, args: argparse.Namespace) -> None:
     from fluent_reward.judge import run_judge
 
     show_progress = not args.no_progress and sys.stderr.isatty()
-    summary = run_judge(params, dry_run=args.dry_run, show_progress=show_progress)
+    # client_factory: main()'s judge_client_factory (tests build strictly validating clients); None: the SDK's.
+    factory = getattr(args, "client_factory", None)
+    summary = run_judge(params, dry_run=args.dry_run, show_progress=show_progress, client_factory=factory)
     if summary.estimate is not None:
         print(summary.estimate.table())
 
@@ -455,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, judge_client_factory: Callable[..., Any] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.client_factory = judge_client_factory
     _setup_logging(args.verbose)
     try:
         params = load_params(args.params)

@@ -157,35 +157,65 @@ class ValidateConfig(_Section):
 class Price(_Section):
     """USD per million tokens (standard tier). The SDK carries no prices: keep this table current."""
 
-    input: float = Field(ge=0, description="USD per million input tokens")
-    output: float = Field(ge=0, description="USD per million output tokens")
-    cache_write: float = Field(ge=0, description="USD per million tokens written to the prompt cache")
-    cache_read: float = Field(ge=0, description="USD per million tokens read from the prompt cache")
+    input: float = Field(ge=0, allow_inf_nan=False, description="Uncached input tokens.")
+    output: float = Field(ge=0, allow_inf_nan=False, description="Output tokens.")
+    cache_write_5m: float = Field(
+        ge=0, allow_inf_nan=False, description="Prompt-cache writes with prompt_cache_ttl 5m (1.25x input)."
+    )
+    cache_write_1h: float = Field(
+        ge=0, allow_inf_nan=False, description="Prompt-cache writes with prompt_cache_ttl 1h (2x input)."
+    )
+    cache_read: float = Field(ge=0, allow_inf_nan=False, description="Prompt-cache reads (0.1x input).")
+
+    def cache_write(self, ttl: str) -> float:
+        """The cache-write price of prompt caching with this lifetime ("5m" or "1h")."""
+        return self.cache_write_1h if ttl == "1h" else self.cache_write_5m
 
 
 class JudgeConfig(_Section):
-    model: str = Field(min_length=1, description="the Claude model that judges")
+    """The judge stage (docs/JUDGE.md): which model, how requests are sent, retried, budgeted and priced."""
+
+    model: str = Field(description="Claude model id that judges (needs an entry in judge.prices).")
     mode: Literal["messages", "batch"] = Field(
-        description="messages: concurrent requests; batch: Message Batches API (half price, up to 24 h)"
+        description="messages: concurrent requests; batch: Message Batches API (half price, up to 24 h)."
     )
-    samples: int = Field(ge=1, description="independent judgments per record, averaged; >= 2 measures test-retest")
-    max_tokens: int = Field(gt=0, le=21333, description="output token limit per judge call")
-    reference: list[Path] = Field(description="files of judgments supplied by you (by id or content), never sent")
-    max_concurrency: int = Field(ge=1, description="requests in flight at once (messages mode)")
-    sdk_max_retries: int = Field(ge=0, description="the SDK's own retries (429, 529, 5xx, connection errors)")
-    rate_limit_max_wait_s: float = Field(ge=0, description="our bounded extra wait on rate limits, in seconds")
-    timeout_s: float = Field(gt=0, description="per-request timeout, in seconds")
-    invalid_output_retries: int = Field(ge=0, description="re-asks when a reply is not a valid judgment")
-    max_failures: int = Field(ge=0, description="more failed records than this ends the run with a non-zero exit")
+    samples: int = Field(ge=1, description="Independent judgments per record, averaged; >= 2 measures test-retest.")
+    max_tokens: int = Field(gt=0, le=21333, description="Output token limit per judgment call.")
+    reference_dir: Path = Field(
+        description="Folder of judgments used instead of asking Claude (by content or id): every *.json and "
+        "*.jsonl file in it, in name order. dvc.yaml lists the folder as a judge dependency, so editing a label "
+        "re-runs the judge."
+    )
+    max_concurrency: int = Field(ge=1, description="Concurrent requests in messages mode.")
+    sdk_max_retries: int = Field(ge=0, description="The SDK's own retries (429, 529, 5xx, connection, timeout).")
+    rate_limit_max_wait_s: float = Field(
+        ge=0, allow_inf_nan=False, description="Our bounded extra wait per call after the SDK gives up."
+    )
+    timeout_s: float = Field(gt=0, allow_inf_nan=False, description="Timeout of one HTTP request, in seconds.")
+    invalid_output_retries: int = Field(ge=0, description="Re-asks of an invalid reply before the record fails.")
+    max_failure_ratio: float = Field(
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Share of the records that may end without a judgment while the stage still exits 0 (train "
+        "then leaves them out, with a logged count). 0: any unjudged record makes the stage exit 2, so DVC never "
+        "records an incomplete run; the rerun pays only for the missing.",
+    )
     max_budget_usd: float | None = Field(
-        default=None, gt=0, description="stop cleanly before spending more than this (null: no limit)"
+        default=None, gt=0, allow_inf_nan=False, description="Stop before spending more than this (null: no limit)."
     )
-    prompt_cache_ttl: Literal["5m", "1h"] = Field(description="prompt caching of the rubric system prompt")
-    batch_max_requests: int = Field(ge=1, le=100_000, description="requests per Message Batch")
-    batch_poll_interval_s: float = Field(gt=0, description="seconds between polls of a batch's status")
-    batch_max_resubmits: int = Field(ge=0, description="how often errored or expired batch requests are resubmitted")
-    batch_discount: float = Field(gt=0, le=1, description="fraction of the standard price that batches cost")
-    prices: dict[str, Price] = Field(description="model -> USD per million tokens (the SDK has none)")
+    prompt_cache_ttl: Literal["5m", "1h"] = Field(description="Prompt caching lifetime of the rubric system prompt.")
+    batch_max_requests: int = Field(ge=1, le=100_000, description="Requests per batch (the API allows 100,000).")
+    batch_poll_interval_s: float = Field(
+        gt=0, allow_inf_nan=False, description="Seconds between polls of open batches."
+    )
+    batch_max_resubmits: int = Field(
+        ge=0, description="Errored/expired batch requests are resubmitted at most this often."
+    )
+    batch_discount: float = Field(
+        gt=0, le=1, allow_inf_nan=False, description="Message Batches cost this fraction of the standard price."
+    )
+    prices: dict[str, Price] = Field(description="USD per million tokens, per model (the SDK has no prices).")
 
     def price(self) -> Price:
         if self.model not in self.prices:

@@ -436,12 +436,15 @@ def load_judged_records(
     Fails with a message saying what to rerun when the judgments were made with other dimensions or another scale
     than ``rubric``, when the file is damaged (not JSON, an entry without id or with a score that is missing,
     not finite or off the scale), or when a record has no judgment; with ``skip_unjudged`` such records are left
-    out with a warning instead (the judge may have failed on a few: pairs can do without them, training cannot).
+    out with a warning instead (the judge may have failed on a few: pairs can do without them, training cannot), and
+    so are records the judgments file lists as tolerated failures (``failures_tolerated``: within
+    judge.max_failure_ratio).
     """
     for path, stage in ((validated, "validate"), (judgments, "judge")):
         if not Path(path).is_file():
             raise FluentRewardError(f"{path}: not found (run `fluent-reward {stage}` or `dvc repro`)")
-    by_id = _judgment_scores_by_id(Path(judgments), rubric)
+    doc = read_json_file(judgments, f"expected the judge stage's judgments ({_RERUN_JUDGE})")
+    by_id = _judgment_scores_by_id(doc, Path(judgments), rubric)
     records, missing = [], []
     for row in iter_jsonl(validated):
         scores = by_id.get(str(row.get("id")))
@@ -449,7 +452,9 @@ def load_judged_records(
             missing.append(row.get("id"))
             continue
         records.append({**row, "scores": scores, "overall": rubric.overall(scores)})
-    if missing and skip_unjudged:
+    # The judge exited 0 with these records unjudged only because judge.max_failure_ratio tolerates them.
+    tolerated = bool(doc.get("failures_tolerated")) and set(missing) <= set(doc.get("failed") or [])
+    if missing and (skip_unjudged or tolerated):
         log.warning("%d validated records have no judgment in %s; left out", len(missing), judgments)
     elif missing:
         raise FluentRewardError(
@@ -464,9 +469,8 @@ def load_judged_records(
 _RERUN_JUDGE = "rerun `fluent-reward judge`"
 
 
-def _judgment_scores_by_id(judgments: Path, rubric: Rubric) -> dict[str, dict[str, float]]:
+def _judgment_scores_by_id(doc: Any, judgments: Path, rubric: Rubric) -> dict[str, dict[str, float]]:
     """Every judgment's scores by record id, checked against the rubric (a damaged file is a clear error)."""
-    doc = read_json_file(judgments, f"expected the judge stage's judgments ({_RERUN_JUDGE})")
     if not isinstance(doc, dict) or not isinstance(doc.get("judgments"), list):
         raise FluentRewardError(f'{judgments}: expected an object with a "judgments" list ({_RERUN_JUDGE})')
     dims = doc.get("dimensions") or rubric.names
