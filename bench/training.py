@@ -121,7 +121,9 @@ def current_steps(params: Any, records: list[dict], splits: dict, steps: int) ->
     with T.torch_threads(T.choose_threads(cfg.num_threads)):
         accelerator = T.make_accelerator(T.resolve_precision(cfg.mixed_precision))
         set_seed(cfg.seed)
-        model, tokenizer, new = T.load_backbone_model(cfg.backbone, [OVERALL, *params.rubric.names])
+        model, tokenizer, new = T.load_backbone_model(
+            cfg.backbone, [OVERALL, *params.rubric.names], params.data.backbones
+        )
         frozen = T.freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
         data = T.build_data(records, splits, params.rubric, tokenizer, cfg)
         started = time.perf_counter()
@@ -158,7 +160,9 @@ def naive_steps(params: Any, records: list[dict], splits: dict, plan: list[list[
     cfg = params.train
     with T.torch_threads(T.choose_threads(cfg.num_threads)):
         set_seed(cfg.seed)
-        model, tokenizer, new = T.load_backbone_model(cfg.backbone, [OVERALL, *params.rubric.names])
+        model, tokenizer, new = T.load_backbone_model(
+            cfg.backbone, [OVERALL, *params.rubric.names], params.data.backbones
+        )
         T.freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
         data = T.build_data(records, splits, params.rubric, tokenizer, cfg)
         optimizer = torch.optim.AdamW(T.param_groups(model, new, cfg))

@@ -105,7 +105,8 @@ def _standin_project(root: Path, git: bool) -> tuple[Path, dict[Path, bytes]]:
     for path in committed_in_git:
         (project / path).parent.mkdir(parents=True, exist_ok=True)
         (project / path).write_text("{}\n")
-    _dvc(project, "commit", "--force", "-q")
+    # The backbone stage is left out: its output is rebuilt from the installed package, never shared (cache: false).
+    _dvc(project, "commit", "--force", "-q", "rubric", "validate", "judge", "train", "evaluate")
     return project, shared
 
 

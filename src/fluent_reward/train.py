@@ -192,14 +192,17 @@ def pairwise_loss(
 # Model
 
 
-def load_backbone_model(backbone: str, labels: Sequence[str]) -> tuple[Any, Any, list[str]]:
+def load_backbone_model(
+    backbone: str, labels: Sequence[str], backbones_dir: Path | None = None
+) -> tuple[Any, Any, list[str]]:
     """(model, tokenizer, names of newly initialised parameters) for a regression model with one logit per label.
 
-    Safetensors weights only, never remote code. A local folder, a packaged backbone or a hub id (needs a hub).
+    Safetensors weights only, never remote code. A local folder, a packaged or converted backbone (converted ones
+    live in ``backbones_dir``) or a hub id (needs a hub).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = resolve_backbone(backbone)
+    path = resolve_backbone(backbone, backbones_dir)
     try:
         with quiet_transformers():  # its load report lists the new head as "missing": expected, not news
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -701,7 +704,9 @@ def fit(
         started = time.perf_counter()
         accelerator = make_accelerator(resolve_precision(cfg.mixed_precision))
         set_seed(cfg.seed)
-        model, tokenizer, new_params = load_backbone_model(cfg.backbone, [OVERALL, *rubric.names])
+        model, tokenizer, new_params = load_backbone_model(
+            cfg.backbone, [OVERALL, *rubric.names], params.data.backbones
+        )
         frozen = freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
         model.to(accelerator.device)
         data = build_data(records, splits, rubric, tokenizer, cfg)

