@@ -58,19 +58,29 @@ def test_parse_judgment_accepts_only_complete_integer_scores_on_the_scale():
     scores, rationales = parse_judgment(_message(_valid(accuracy=10, clarity=7.0)), rubric)
     assert scores["accuracy"] == 10 and scores["clarity"] == 7 and isinstance(scores["clarity"], int)
     assert rationales["feedback"] == "why feedback"
-    bad = {
-        "missing": {k: v for k, v in _valid().items() if k != "clarity"},
-        "out of range": _valid(accuracy=11),
-        "zero": _valid(accuracy=0),
-        "fraction": _valid(accuracy=6.5),
-        "bool": _valid(accuracy=True),
-        "string": _valid(accuracy="7"),
-        "no rationale": {**_valid(), "clarity": {"rationale": " ", "score": 5}},
-    }
-    for label, judgment in bad.items():
-        with pytest.raises(InvalidOutput):
-            parse_judgment(_message(judgment), rubric)
-        assert label
+
+
+@pytest.mark.parametrize(
+    ("judgment", "problem"),
+    [
+        ({k: v for k, v in _valid().items() if k != "clarity"}, "clarity: missing"),
+        (_valid(accuracy=11), "accuracy.score: 11 is outside 1..10"),
+        (_valid(accuracy=0), "accuracy.score: 0 is outside 1..10"),
+        (_valid(accuracy=6.5), "accuracy.score: 6.5 is not an integer"),
+        (_valid(accuracy=True), "accuracy.score: True is not an integer"),
+        (_valid(accuracy="7"), "accuracy.score: '7' is not an integer"),
+        ({**_valid(), "clarity": {"rationale": " ", "score": 5}}, "clarity.rationale: missing"),
+    ],
+)
+def test_parse_judgment_names_what_is_wrong(judgment, problem):
+    rubric = load_params(Path(__file__).resolve().parents[1] / "params.yaml").rubric
+    with pytest.raises(InvalidOutput) as caught:
+        parse_judgment(_message(judgment), rubric)
+    assert str(caught.value) == problem
+
+
+def test_parse_judgment_refuses_cut_off_and_tool_less_replies():
+    rubric = load_params(Path(__file__).resolve().parents[1] / "params.yaml").rubric
     with pytest.raises(InvalidOutput, match="cut off"):
         parse_judgment(_message(_valid(), stop_reason="max_tokens"), rubric)
     with pytest.raises(InvalidOutput, match="no record_judgment"):
@@ -593,10 +603,10 @@ def test_a_second_concurrent_run_is_refused(judge_project, fake_api):
 @pytest.mark.parametrize(
     ("edit", "problem"),
     [
-        ({"accuracy": 99}, "accuracy=99 is outside 1..10"),
-        ({"accuracy": "10"}, "accuracy='10' is not an integer"),
-        ({"accuracy": 6.5}, "accuracy=6.5 is not an integer"),
-        ({"accuracy": None}, "accuracy=None is not an integer"),
+        ({"accuracy": 99}, "accuracy.score: 99 is outside 1..10"),
+        ({"accuracy": "10"}, "accuracy.score: '10' is not an integer"),
+        ({"accuracy": 6.5}, "accuracy.score: 6.5 is not an integer"),
+        ({"accuracy": None}, "accuracy.score: None is not an integer"),
         ("drop clarity", "no score for clarity"),
         ("scores not an object", "scores is [7], not an object"),
     ],

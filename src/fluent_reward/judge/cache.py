@@ -16,6 +16,7 @@ from fluent_reward.config import Rubric
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import stable_hash
 from fluent_reward.judge.cost import USAGE_FIELDS
+from fluent_reward.judge.reply import score_problem
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +27,12 @@ def entry_problem(entry: dict[str, Any], rubric: Rubric) -> str | None:
     scores, rationales, usage = entry.get("scores"), entry.get("rationales", {}), entry.get("usage", {})
     if not isinstance(scores, dict):
         return f"scores is {scores!r}, not an object"
-    lo, hi = rubric.scale.min, rubric.scale.max
     for name in rubric.names:
-        score = scores.get(name)
         if name not in scores:
             return f"no score for {name}"
-        if isinstance(score, bool) or not isinstance(score, int | float) or not float(score).is_integer():
-            return f"{name}={score!r} is not an integer"
-        if not lo <= score <= hi:
-            return f"{name}={score!r} is outside {lo}..{hi}"
+        problem = score_problem(name, scores[name], rubric.scale.min, rubric.scale.max)
+        if problem:
+            return problem
     if not isinstance(rationales, dict) or not all(isinstance(v, str) for v in rationales.values()):
         return "rationales is not an object of texts"
     if not isinstance(usage, dict) or not all(

@@ -13,18 +13,23 @@ class InvalidOutput(ValueError):
     """The judge's reply is not a complete, valid judgment (the reason says what is wrong)."""
 
 
+def score_problem(name: str, score: Any, lo: int, hi: int) -> str | None:
+    """Why ``score`` is not a judge's score for dimension ``name`` (an integer from lo to hi), or None. Used for
+    replies and for cache entries alike: a cached judgment is a training target too."""
+    if isinstance(score, bool) or not isinstance(score, int | float) or not float(score).is_integer():
+        return f"{name}.score: {score!r} is not an integer"
+    if not lo <= score <= hi:
+        return f"{name}.score: {score!r} is outside {lo}..{hi}"
+    return None
+
+
 def _check_dimension(name: str, item: Any, lo: int, hi: int) -> tuple[int | None, str | None, list[str]]:
     if not isinstance(item, dict):
         return None, None, [f"{name}: missing"]
-    problems: list[str] = []
     score, rationale = item.get("score"), item.get("rationale")
-    good_score = None
-    if isinstance(score, bool) or not isinstance(score, int | float) or not float(score).is_integer():
-        problems.append(f"{name}.score: {score!r} is not an integer")
-    elif not lo <= score <= hi:
-        problems.append(f"{name}.score: {score} is outside {lo}..{hi}")
-    else:
-        good_score = int(score)
+    problem = score_problem(name, score, lo, hi)
+    problems = [problem] if problem else []
+    good_score = None if problem else int(score)
     if not isinstance(rationale, str) or not rationale.strip():
         problems.append(f"{name}.rationale: missing")
         rationale = None

@@ -17,7 +17,7 @@ from fluent_reward.judge.cache import JudgeCache, exclusive_lock
 from fluent_reward.judge.client import ClientFactory, Fatal, UnitFailed, client_kwargs
 from fluent_reward.judge.context import JudgeContext, Run
 from fluent_reward.judge.cost import Budget, Tally
-from fluent_reward.judge.estimate import dry_run, local_estimate
+from fluent_reward.judge.estimate import Estimate, dry_run, local_estimate
 from fluent_reward.judge.messages import run_messages
 from fluent_reward.judge.outputs import (
     Assembled,
@@ -108,7 +108,7 @@ def run_judge(
         raise FluentRewardError(f"{where}: cannot write ({exc.strerror or exc}); what was judged is cached") from None
 
 
-def _estimate_only(ctx: JudgeContext, plan: Plan, cache: JudgeCache) -> Any:
+def _estimate_only(ctx: JudgeContext, plan: Plan, cache: JudgeCache) -> Estimate:
     estimate = dry_run(ctx, plan, cache.entries)
     log.info(
         "dry run: %d calls; messages $%.2f, batch $%.2f", estimate.calls, estimate.messages_usd, estimate.batch_usd
@@ -127,7 +127,9 @@ def _refuse_without_key(ctx: JudgeContext, plan: Plan, cache: JudgeCache, ledger
     )
 
 
-def _judge(ctx: JudgeContext, records: list[dict[str, Any]], reference: ReferenceIndex, cache: JudgeCache) -> Any:
+def _judge(
+    ctx: JudgeContext, records: list[dict[str, Any]], reference: ReferenceIndex, cache: JudgeCache
+) -> JudgeSummary:
     plan = make_plan(records, reference, cache.load(ctx.rubric, ctx.prompt.version), ctx.prompt, ctx.cfg.samples)
     require_anchors(ctx.rubric, plan.records_to_judge())
     ledger = BatchLedger(ctx.paths.judge_batches)
