@@ -66,7 +66,7 @@ def settings_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, s
 
 
 def section_model(section: str) -> type[BaseModel]:
-    """The config model of a params.yaml section (``train``, ``rubric``, ``judge.prices``... not: only top level)."""
+    """The config model of a top-level section (``train``, ``validate``, ``rubric``, ...)."""
     for name, field in Params.model_fields.items():
         if section in (name, field.alias):
             return field.annotation
