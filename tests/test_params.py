@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fluent_reward.config import load_params
+from fluent_reward.config import Rubric, load_params, read_yaml
 from fluent_reward.errors import FluentRewardError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +100,14 @@ def test_rubric_file_is_loaded_and_its_problems_name_it(tmp_path):
     (tmp_path / "rubric.yaml").unlink()
     with pytest.raises(FluentRewardError, match=r"params\.yaml: rubric: file .*rubric\.yaml not found"):
         load_params(path)
+
+
+def test_rubric_values_set_through_dvc_keep_their_meaning(tmp_path):
+    path = copy_params(tmp_path)
+    dvc_set(tmp_path / "rubric.yaml", "version=2.0", "weights.accuracy=0.3")
+    rubric = load_params(path).rubric
+    assert rubric.version == "2.0" and rubric.weights["accuracy"] == 0.3
+    assert rubric.dimensions == Rubric.model_validate(read_yaml(ROOT / "data" / "sample" / "rubric.yaml")).dimensions
 
 
 def test_a_rubric_inline_in_params_yaml_also_loads(tmp_path):

@@ -107,9 +107,6 @@ def add_outputs(sub: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Subcommands of later stages register here, each in its own block: add_<name>(sub) + cmd_<name>(params, args).
-
-# ----------------------------------------------------------------------------------------------------------------
 # params: the settings' documentation, generated from config.py
 
 DOCS = Path("docs")
@@ -140,6 +137,9 @@ def add_params(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", type=Path, default=DOCS, help="a Markdown file or a folder of them (default: docs)")
     p.set_defaults(func=cmd_params)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subcommands of later stages register here, each in its own block: add_<name>(sub) + cmd_<name>(params, args).
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_validate, add_outputs, add_params]
 

@@ -104,6 +104,13 @@ class Rubric(_Section):
     """The judging rubric (``rubric.yaml``): one source of truth for the judge prompt, the docs and the model heads."""
 
     version: NonBlank = Field(description="your label for this rubric text; bump it when you change the text")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _number_is_a_label(cls, value: Any) -> Any:
+        # `dvc exp run -S rubric.yaml:version=2.0` writes the float 2.0: it still names version "2.0".
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
     scale: Scale = Field(description="the integer scale of every dimension")
     weights: dict[str, float] = Field(
         description="dimension -> weight of the overall score (a weighted mean, computed by code; never re-judges)"

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from fluent_reward.errors import FluentRewardError
+
+log = logging.getLogger(__name__)
 
 # Temporary files of atomic_open: ".<name>.<pid>-<random>.tmp" beside the output (the pid says whose it is).
 _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[\w]+\.tmp")
@@ -70,6 +73,8 @@ def remove_stale_temps(path: Path) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):
             candidate.unlink()
             removed.append(candidate)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted write of %s", len(removed), path)
     return removed
 
 

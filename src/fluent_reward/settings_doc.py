@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from fluent_reward.config import Params
 from fluent_reward.errors import FluentRewardError
+from fluent_reward.io import atomic_open
 
 _BLOCK = re.compile(r"(<!-- settings:(?P<section>[\w.]+) -->\n)(?P<body>.*?)(<!-- /settings:(?P=section) -->)", re.S)
 _BOUNDS = ((annotated_types.Gt, ">"), (annotated_types.Ge, "≥"), (annotated_types.Lt, "<"), (annotated_types.Le, "≤"))
@@ -66,7 +67,7 @@ def settings_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, s
 
 
 def section_model(section: str) -> type[BaseModel]:
-    """The config model of a params.yaml section (``train``, ``rubric``, ``judge.prices``... not: only top level)."""
+    """The config model of a top-level section (``train``, ``validate``, ``rubric``, ...)."""
     for name, field in Params.model_fields.items():
         if section in (name, field.alias):
             return field.annotation
@@ -97,5 +98,6 @@ def stale_docs(paths: list[Path], write: bool = False) -> list[Path]:
         if fresh != text:
             stale.append(path)
             if write:
-                path.write_text(fresh, encoding="utf-8")
+                with atomic_open(path) as handle:
+                    handle.write(fresh)
     return stale
