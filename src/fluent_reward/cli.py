@@ -188,11 +188,12 @@ def _add_scorer_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(params: Params, args: argparse.Namespace) -> None:
-    from fluent_reward.inference import score_file
+    from fluent_reward.inference import check_score_paths, score_file
 
     cfg = params.validate_
     if args.on_error:
         cfg = cfg.model_copy(update={"on_error": args.on_error})
+    check_score_paths(Path(args.input), Path(args.output))  # before the (slow) model load
     scorer = _scorer(params, args)
     try:
         score_file(
@@ -265,7 +266,30 @@ def add_pairs(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_pairs)
 
 
-REGISTRARS += [add_score, add_pairs]
+def cmd_export(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.export import run_export
+
+    written = run_export(
+        Path(args.model or params.data.model_dir),
+        Path(args.output),
+        onnx=not args.no_onnx,
+        overall=not args.no_overall,
+        metrics_path=Path(params.data.eval_metrics),
+    )
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="the model for serving: a single-logit overall folder (HF/TRL) and ONNX")
+    p.add_argument("--model", type=Path, help="model folder (default: data.model_dir)")
+    p.add_argument("--output", type=Path, required=True, help="writes OUTPUT/overall and OUTPUT/onnx")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--no-overall", action="store_true", help="skip the single-logit overall folder")
+    p.set_defaults(func=cmd_export)
+
+
+REGISTRARS += [add_score, add_pairs, add_export]
 
 
 # ----------------------------------------------------------------------------------------------------------------
