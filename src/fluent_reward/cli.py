@@ -227,9 +227,13 @@ def cmd_pairs(params: Params, args: argparse.Namespace) -> None:
     from fluent_reward.pairs import judged_candidates, model_candidates, write_pairs
 
     if args.from_model:
+        from fluent_reward.inference import check_score_paths
+
+        cfg = params.validate_.model_copy(update={"on_error": args.on_error}) if args.on_error else params.validate_
+        check_score_paths(Path(args.from_model), Path(args.output or params.pairs.output))  # before the model load
         scorer = _scorer(params, args)
         show = not args.no_progress and sys.stderr.isatty()
-        candidates = model_candidates(Path(args.from_model), scorer, params.validate_, show_progress=show)
+        candidates = model_candidates(Path(args.from_model), scorer, cfg, show_progress=show)
         source = f"model scores of {args.from_model}"
     else:
         validated = Path(args.validated or params.data.validated)
@@ -239,16 +243,19 @@ def cmd_pairs(params: Params, args: argparse.Namespace) -> None:
     min_gap = params.pairs.min_gap if args.min_gap is None else args.min_gap
     if min_gap < 0:
         raise FluentRewardError(f"--min-gap must be >= 0, got {min_gap}")
-    summary = write_pairs(
+    fmt = args.format or params.pairs.format
+    if args.user_first and fmt != "conversational":
+        raise FluentRewardError("--user-first applies to --format conversational only")
+    write_pairs(  # logs its one-line summary
         candidates,
         Path(args.output or params.pairs.output),
         min_gap,
-        args.format or params.pairs.format,
+        fmt,
         strategy=args.strategy,
         system_prompt=args.system_prompt,
         source=source,
+        user_first=args.user_first,
     )
-    print(f"{summary['pairs']} pairs from {summary['groups_with_pairs']} of {summary['groups']} groups")
 
 
 def add_pairs(sub: argparse._SubParsersAction) -> None:
@@ -258,9 +265,16 @@ def add_pairs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-gap", type=float, help="least overall-score gap for a pair (default: pairs.min_gap)")
     p.add_argument("--strategy", choices=["all", "best-vs-rest"], default="all", help="which pairs per group")
     p.add_argument("--system-prompt", help="conversational format: a system message to start each prompt")
+    p.add_argument(
+        "--user-first",
+        choices=["system", "user"],
+        help="conversational format: fold the tutor turns before the first student turn into the system message or "
+        "the first user message, so no prompt starts with an assistant turn (strict chat templates reject that)",
+    )
     p.add_argument("--validated", help="validated records (default: data.validated)")
     p.add_argument("--judgments", help="judgments (default: data.judgments)")
     p.add_argument("--from-model", metavar="FILE", help="score the candidates of FILE with the model instead")
+    p.add_argument("--on-error", choices=["fail", "drop"], help="--from-model: invalid records (validate.on_error)")
     _add_scorer_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pairs)
