@@ -140,13 +140,25 @@ def split_student_message(context: str) -> tuple[str, str]:
     return "\n".join(turns[:-1]), turns[-1][len(_STUDENT_PREFIX) :].strip()
 
 
-def _check_texts(name: str, values: Any, allow_none: bool = False) -> list[Any]:
+def _check_texts(name: str, values: Any, allow_none: bool = False, non_empty: bool = False) -> list[Any]:
+    """A list of strings (or None where allowed); non-empty ones with ``non_empty``, as ``validate`` requires of
+    the student's message and the reply; never an unpaired surrogate (not text: the tokenizer cannot encode it)."""
     if isinstance(values, str | bytes) or not isinstance(values, Sequence):
         raise ValueError(f"{name} must be a list of strings, got {type(values).__name__}")
     for i, value in enumerate(values):
-        if not isinstance(value, str) and not (allow_none and value is None):
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, str):
             kind = "a string or None" if allow_none else "a string"
             raise ValueError(f"{name}[{i}] is {type(value).__name__}, expected {kind}")
+        if non_empty and not value.strip():
+            raise ValueError(f"{name}[{i}] is empty or whitespace only (validate rejects such records too)")
+        surrogate = next((at for at, ch in enumerate(value) if 0xD800 <= ord(ch) <= 0xDFFF), None)
+        if surrogate is not None:
+            raise ValueError(
+                f"{name}[{i}] contains an unpaired surrogate U+{ord(value[surrogate]):04X} at character "
+                f"{surrogate + 1}: not valid text (decode your input with errors='replace')"
+            )
     return list(values)
 
 
@@ -155,14 +167,14 @@ def prepare_inputs(
 ) -> tuple[list[str], list[str], list[str]]:
     """Check the three parallel lists and fill missing student messages from the contexts (ValueError on misuse)."""
     contexts = _check_texts("contexts", contexts)
-    responses = _check_texts("responses", responses)
+    responses = _check_texts("responses", responses, non_empty=True)
     if not responses:
         raise ValueError("responses is empty: nothing to score")
     if len(contexts) != len(responses):
         raise ValueError(f"contexts has {len(contexts)} items but responses has {len(responses)}; they must match")
     if student_messages is None:
         student_messages = [None] * len(contexts)
-    student_messages = _check_texts("student_messages", student_messages, allow_none=True)
+    student_messages = _check_texts("student_messages", student_messages, allow_none=True, non_empty=True)
     if len(student_messages) != len(contexts):
         raise ValueError(
             f"student_messages has {len(student_messages)} items but contexts has {len(contexts)}; they must match"
@@ -174,6 +186,8 @@ def prepare_inputs(
                 context, student = split_student_message(context)
             except ValueError as exc:
                 raise ValueError(f"item {i}: {exc}") from None
+            if not student:
+                raise ValueError(f"item {i}: the context's last 'Student:' turn is empty")
         out_contexts.append(context)
         out_students.append(student)
     return out_contexts, responses, out_students
@@ -507,7 +521,7 @@ class RewardModelScorer:
         """
         if not isinstance(context, str):
             raise ValueError(f"context must be a string, got {type(context).__name__}")
-        candidates = _check_texts("candidates", candidates)
+        candidates = _check_texts("candidates", candidates, non_empty=True)
         if not candidates:
             raise ValueError("candidates is empty: best_of_n needs at least one candidate reply")
         n = len(candidates)
