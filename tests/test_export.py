@@ -116,7 +116,8 @@ def segment_free_export(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_export_json_says_whether_the_trl_path_is_exact(exported, segment_free_export):
-    assert json.loads((exported / "overall" / "export.json").read_text())["trl_path_exact"] is False
+    info = json.loads((exported / "overall" / "export.json").read_text())
+    assert info["chat_template_ids_match"] is True and info["trl_path_exact"] is False
     assert json.loads((segment_free_export[1] / "export.json").read_text())["trl_path_exact"] is True
 
 

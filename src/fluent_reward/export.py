@@ -8,10 +8,11 @@ From a verified model folder (``fluent_reward.model_folder``) it writes, under t
   load. Its tokenizer carries a chat template that renders a conversation (``messages``, the last ``user`` turn
   being the student's message and the ``assistant`` turns after it the reply) into this project's input template
   as ONE text with the special tokens written out, which is how TRL feeds conversational prompts to a reward model
-  given by path. That text tokenises to exactly the ids of the two-segment input; what TRL cannot pass is the
-  segment ids (``token_type_ids`` are all 0), and it applies no truncation rule: see ``trl_path_exact`` in
-  ``export.json`` (exact for backbones without segment embeddings, an approximation otherwise; for exact scores in
-  TRL use ``fluent_reward.rlaif.make_reward_function``).
+  given by path. That text tokenises to exactly the ids of the two-segment input (checked at export:
+  ``chat_template_ids_match`` in ``export.json``); what TRL cannot pass is the segment ids (``token_type_ids`` are
+  all 0), and it applies no truncation rule: see ``trl_path_exact`` in ``export.json`` (exact for backbones without
+  segment embeddings, an approximation otherwise; for exact scores in TRL use
+  ``fluent_reward.rlaif.make_reward_function``).
 - ``onnx/``: ``model.onnx`` (every label, judge scale; dynamic batch and length), the tokenizer and the metadata,
   scored by ``RewardModelScorer(path, backend="onnx")`` with onnxruntime. Exported with ``torch.onnx.export``
   (TorchScript exporter): Hugging Face ``optimum``'s ONNX exporter (``optimum-onnx`` 0.1.0) requires
@@ -68,7 +69,11 @@ def export_overall(model: Any, tokenizer: Any, meta: ModelMetadata, out: Path, m
     chat_tokenizer.chat_template = chat_template(tokenizer)
     exact_ids = template_matches(chat_tokenizer, tokenizer)
     if not exact_ids:
-        raise FluentRewardError(f"{out}: the chat template does not reproduce the model's input ids; not exported")
+        log.warning(
+            "%s: this tokenizer encodes the rendered chat template differently from the two-segment input; TRL's "
+            "by-path scores will be approximate (export.json: chat_template_ids_match false)",
+            out,
+        )
     with _swap(out) as tmp, quiet_transformers():
         single.save_pretrained(tmp, safe_serialization=True)
         chat_tokenizer.save_pretrained(tmp)
@@ -80,7 +85,8 @@ def export_overall(model: Any, tokenizer: Any, meta: ModelMetadata, out: Path, m
                 "source_training_data_sha256": meta.training_data_sha256,
                 "scale": meta.scale,
                 "max_length": meta.max_length,
-                "trl_path_exact": not uses_segment_ids(model, tokenizer),
+                "chat_template_ids_match": exact_ids,
+                "trl_path_exact": exact_ids and not uses_segment_ids(model, tokenizer),
             },
         )
     return out
