@@ -18,7 +18,11 @@ path (``fast=True``) runs the model in bfloat16 on CPUs with native bf16 instruc
 1.8x the fp32 throughput, scores within Spearman 0.999 of fp32. ``fast="int8"`` (dynamic int8 quantisation of the
 encoder's linear layers, per-channel weights) can be faster still but is noisier (Spearman 0.88-0.99 against fp32 on
 the trained model: activations are quantised per tensor, and BERT's outlier channels cost them precision); it is
-what ``fast=True`` falls back to on CPUs without bf16. ``bench/scoring.py`` measures both.
+what ``fast=True`` falls back to on CPUs without bf16. ``bench/scoring.py`` measures both, and the ONNX export
+scored with onnxruntime (``backend="onnx"``, fp32, same scores as torch fp32).
+
+Scores are clipped to the judge's scale by default (``clip=False`` for the raw regression outputs, which can fall
+past the scale's ends).
 """
 
 from __future__ import annotations
