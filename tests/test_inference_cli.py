@@ -140,3 +140,55 @@ def test_cli_score_errors(tmp_path, model_dir, capsys):
         score_file(
             RewardModelScorer(model_dir), write_jsonl(tmp_path / "bad.jsonl", [{"x": 1}, {"y": 2}]), tmp_path / "x", cfg
         )
+
+
+def test_input_and_output_are_checked_before_the_model_is_loaded(tmp_path, model_dir, capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(RewardModelScorer, "__init__", no_load)
+    assert cli("--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o"), "--model", str(model_dir)) == 2
+    assert "nope.jsonl: input file does not exist" in capsys.readouterr().err
+    source = write_jsonl(tmp_path / "in.jsonl", raw_records(1))
+    assert cli("--input", str(source), "--output", str(tmp_path), "--model", str(model_dir)) == 2
+    assert f"{tmp_path}: is a directory; give the path of the JSONL file to write" in capsys.readouterr().err
+
+
+def test_progress_advances_per_scored_batch_and_ends_with_time_and_throughput(tmp_path, model_dir, monkeypatch, caplog):
+    import contextlib
+
+    import fluent_reward.inference as inference
+
+    advances: list[int] = []
+    totals: list = []
+
+    @contextlib.contextmanager
+    def recording(enabled, total, description="scoring"):
+        if enabled:
+            totals.append(total)
+        yield advances.append if enabled else (lambda n: None)
+
+    monkeypatch.setattr(inference, "_progress", recording)
+    params = load_params(ROOT / "params.yaml")
+    source = write_jsonl(tmp_path / "in.jsonl", raw_records(3))
+    scorer = RewardModelScorer(model_dir, device="cpu", batch_size=2)
+    caplog.set_level("INFO", logger="fluent_reward.inference")
+    score_file(scorer, source, tmp_path / "out.jsonl", params.validate_, chunk_size=4, show_progress=True)
+    assert totals[0] == 9
+    # one step per forward pass (chunks of 4, 4, 1 in batches of at most 2), not one jump per records read
+    assert [n for n in advances if n] == [2, 2, 2, 2, 1]
+    summary = [r.message for r in caplog.records if r.message.startswith("scored 9 of 9 records")]
+    assert summary and " s (" in summary[0] and "records/s)" in summary[0]
+
+
+def test_cli_clips_to_the_scale_unless_no_clip(tmp_path, model_dir):
+    source = write_jsonl(tmp_path / "in.jsonl", raw_records(3))
+    assert cli("--input", str(source), "--output", str(tmp_path / "a.jsonl"), "--model", str(model_dir)) == 0
+    assert (
+        cli("--input", str(source), "--output", str(tmp_path / "b.jsonl"), "--model", str(model_dir), "--no-clip") == 0
+    )
+    clipped = [v for row in read_jsonl(tmp_path / "a.jsonl") for v in [row["overall"], *row["scores"].values()]]
+    raw = [v for row in read_jsonl(tmp_path / "b.jsonl") for v in [row["overall"], *row["scores"].values()]]
+    assert min(clipped) >= 1 and max(clipped) <= 10
+    assert min(raw) < 1 or max(raw) > 10  # the wide-init tiny model leaves the scale
+    assert clipped == pytest.approx([min(max(v, 1), 10) for v in raw], abs=1e-4)

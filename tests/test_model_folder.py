@@ -290,3 +290,14 @@ def test_a_kill_during_the_write_keeps_the_previous_model(base_dir, tmp_path, mo
     assert not (tmp_path / ".m.tmp" / METADATA_FILE).exists()  # the incomplete copy is never recovered
     save_model_folder(model, tokenizer, meta, folder)  # the next save clears the leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_model_with_nan_weights_is_never_saved(base_dir, tmp_path):
+    import torch
+
+    model, tokenizer, meta = load_model_folder(base_dir)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight[0, 0] = float("inf")
+    with pytest.raises(ModelFolderError, match=r"not saved: tensor 'bert\.encoder\.layer\.0\.output\.dense\.weight'"):
+        save_model_folder(model, tokenizer, meta, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

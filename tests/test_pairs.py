@@ -184,3 +184,83 @@ def test_cli_pairs_errors(tmp_path, capsys):
     model = make_tiny_model_folder(tmp_path / "model")
     assert run_cli(tmp_path, "--from-model", str(bad), "--model", str(model), "--output", str(tmp_path / "o")) == 2
     assert "field 'tutor_response': must not be empty" in capsys.readouterr().err
+
+
+# A chat template as strict as some instruct models' templates: roles must alternate user/assistant after an optional
+# system message, starting with the user.
+STRICT_TEMPLATE = (
+    "{% set rest = messages %}{% if messages[0]['role'] == 'system' %}{% set rest = messages[1:] %}"
+    "<|system|>{{ messages[0]['content'] }}<|end|>\n{% endif %}"
+    "{% for m in rest %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_user_first_prompts_fold_the_leading_tutor_turns():
+    earlier = "Earlier in this conversation, the tutor said:\n¡Hola! ¿Qué hiciste ayer?"
+    assert conversational_prompt(CONTEXT, STUDENT, user_first="system") == [
+        {"role": "system", "content": earlier},
+        {"role": "user", "content": "Yo ir al cine."},
+        {"role": "assistant", "content": "Casi: «fui al cine». ¿Con quién?"},
+        {"role": "user", "content": "Con mi hermana. ¿Está bien?"},
+    ]
+    assert conversational_prompt(CONTEXT, STUDENT, system_prompt="Be kind.", user_first="system")[0] == {
+        "role": "system",
+        "content": f"Be kind.\n\n{earlier}",
+    }
+    assert conversational_prompt(CONTEXT, STUDENT, system_prompt="Be kind.", user_first="user")[:2] == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": f"{earlier}\n\nYo ir al cine."},
+    ]
+    # a prompt that already starts with the student is unchanged
+    assert conversational_prompt("Student: a", "b", user_first="user") == [{"role": "user", "content": "a\nb"}]
+
+
+@pytest.mark.parametrize("user_first", ["system", "user"])
+def test_user_first_pairs_pass_a_strict_chat_template(tmp_path, user_first, caplog, capsys):
+    from datasets import load_dataset
+    from jinja2.exceptions import TemplateError
+    from transformers import AutoTokenizer
+    from trl.data_utils import maybe_apply_chat_template
+
+    validated, judgments, _ = judged_project(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(make_tiny_causal_lm(tmp_path / "lm"))
+    tokenizer.chat_template = STRICT_TEMPLATE
+    common = ["--validated", str(validated), "--judgments", str(judgments), "--format", "conversational"]
+    caplog.set_level("INFO", logger="fluent_reward.pairs")
+    assert run_cli(tmp_path, *common, "--output", str(tmp_path / "as_is.jsonl")) == 0
+    as_is = load_dataset("json", data_files=str(tmp_path / "as_is.jsonl"), split="train")
+    with pytest.raises(TemplateError, match="must alternate"):  # the data starts with the tutor: rejected as is
+        maybe_apply_chat_template(next(r for r in as_is if r["prompt"][0]["role"] == "assistant"), tokenizer)
+    out = tmp_path / "user_first.jsonl"
+    assert run_cli(tmp_path, *common, "--output", str(out), "--user-first", user_first) == 0
+    dataset = load_dataset("json", data_files=str(out), split="train")
+    for row in dataset:
+        assert row["prompt"][0]["role"] in ("system", "user")
+        rendered = maybe_apply_chat_template(row, tokenizer)
+        assert "Earlier in this conversation, the tutor said:" in rendered["prompt"]
+        assert row["margin"] == pytest.approx(row["score_chosen"] - row["score_rejected"], abs=1e-4)
+        assert row["margin"] >= 1.0
+    # the summary: one log line per run, nothing printed besides
+    assert sum("DPO pairs" in r.message for r in caplog.records) == 2  # the two runs above
+    assert "pairs from" not in capsys.readouterr().out
+
+
+def test_pairs_from_model_read_through_the_validator(tmp_path, caplog):
+    model = make_tiny_model_folder(tmp_path / "model")
+    rows = [{k: v for k, v in r.items() if k != "group_id"} for r in make_records(n_groups=2, per_group=3)]
+    rows[1]["tutor_response"] = "   "
+    rows.append(dict(rows[0]))  # a duplicate: the validator's own check
+    source = tmp_path / "candidates.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "pairs.jsonl"
+    common = ["--from-model", str(source), "--model", str(model), "--output", str(out), "--min-gap", "0.01"]
+    assert run_cli(tmp_path, *common) == 2  # validate.on_error: fail
+    assert not out.exists()
+    assert run_cli(tmp_path, *common, "--on-error", "drop") == 0
+    assert "record 2 (id=r0-1): field 'tutor_response'" in caplog.text and "(skipped)" in caplog.text
+    assert "record 7" in caplog.text  # the duplicate
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["candidates"] == 5

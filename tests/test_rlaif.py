@@ -133,6 +133,15 @@ def test_grpo_trainer_step_with_the_reward_model(tmp_path, scorer):
     assert changed, "no parameter changed after a GRPO step"
 
 
+def test_empty_completions_get_the_bottom_of_the_scale_without_a_model_call(scorer):
+    reward = make_reward_function(scorer)
+    prompts = ["Tutor: Hola\nStudent: Yo ir al cine.\nTutor:"] * 3
+    rewards = reward(prompts=prompts, completions=[" ¡Casi! Se dice «fui».", "", "  \n"])
+    assert rewards[1:] == [1.0, 1.0]  # the scale's minimum
+    assert rewards[0] == pytest.approx(scorer.score("Tutor: Hola", " ¡Casi! Se dice «fui».", "Yo ir al cine."))
+    assert make_reward_function(scorer, center=True)(prompts=prompts[:1], completions=[""]) == [1.0 - 5.5]
+
+
 def test_misuse(scorer):
     reward = make_reward_function(scorer)
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):

@@ -253,11 +253,12 @@ def _add_scorer_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(params: Params, args: argparse.Namespace) -> None:
-    from fluent_reward.inference import score_file
+    from fluent_reward.inference import check_score_paths, score_file
 
     cfg = params.validate_
     if args.on_error:
         cfg = cfg.model_copy(update={"on_error": args.on_error})
+    check_score_paths(Path(args.input), Path(args.output))  # before the (slow) model load
     scorer = _scorer(params, args)
     try:
         score_file(
@@ -293,9 +294,13 @@ def cmd_pairs(params: Params, args: argparse.Namespace) -> None:
     from fluent_reward.pairs import judged_candidates, model_candidates, write_pairs
 
     if args.from_model:
+        from fluent_reward.inference import check_score_paths
+
+        cfg = params.validate_.model_copy(update={"on_error": args.on_error}) if args.on_error else params.validate_
+        check_score_paths(Path(args.from_model), Path(args.output or params.pairs.output))  # before the model load
         scorer = _scorer(params, args)
         show = not args.no_progress and sys.stderr.isatty()
-        candidates = model_candidates(Path(args.from_model), scorer, params.validate_, show_progress=show)
+        candidates = model_candidates(Path(args.from_model), scorer, cfg, show_progress=show)
         source = f"model scores of {args.from_model}"
     else:
         validated = Path(args.validated or params.data.validated)
@@ -303,16 +308,19 @@ def cmd_pairs(params: Params, args: argparse.Namespace) -> None:
         candidates = judged_candidates(validated, judgments, params.rubric)
         source = f"judgments {judgments}"
     min_gap = params.pairs.min_gap if args.min_gap is None else args.min_gap
-    summary = write_pairs(
+    fmt = args.format or params.pairs.format
+    if args.user_first and fmt != "conversational":
+        raise FluentRewardError("--user-first applies to --format conversational only")
+    write_pairs(  # logs its one-line summary
         candidates,
         Path(args.output or params.pairs.output),
         min_gap,
-        args.format or params.pairs.format,
+        fmt,
         strategy=args.strategy,
         system_prompt=args.system_prompt,
         source=source,
+        user_first=args.user_first,
     )
-    print(f"{summary['pairs']} pairs from {summary['groups_with_pairs']} of {summary['groups']} groups")
 
 
 def add_pairs(sub: argparse._SubParsersAction) -> None:
@@ -324,15 +332,45 @@ def add_pairs(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--strategy", choices=["all", "best-vs-rest"], default="all", help="which pairs per group")
     p.add_argument("--system-prompt", help="conversational format: a system message to start each prompt")
+    p.add_argument(
+        "--user-first",
+        choices=["system", "user"],
+        help="conversational format: fold the tutor turns before the first student turn into the system message or "
+        "the first user message, so no prompt starts with an assistant turn (strict chat templates reject that)",
+    )
     p.add_argument("--validated", help="validated records (default: data.validated)")
     p.add_argument("--judgments", help="judgments (default: data.judgments)")
     p.add_argument("--from-model", metavar="FILE", help="score the candidates of FILE with the model instead")
+    p.add_argument("--on-error", choices=["fail", "drop"], help="--from-model: invalid records (validate.on_error)")
     _add_scorer_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pairs)
 
 
-REGISTRARS += [add_score, add_pairs]
+def cmd_export(params: Params, args: argparse.Namespace) -> None:
+    from fluent_reward.export import run_export
+
+    written = run_export(
+        Path(args.model or params.data.model_dir),
+        Path(args.output),
+        onnx=not args.no_onnx,
+        overall=not args.no_overall,
+        metrics_path=Path(params.data.eval_metrics),
+    )
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="the model for serving: a single-logit overall folder (HF/TRL) and ONNX")
+    p.add_argument("--model", type=Path, help="model folder (default: data.model_dir)")
+    p.add_argument("--output", type=Path, required=True, help="writes OUTPUT/overall and OUTPUT/onnx")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--no-overall", action="store_true", help="skip the single-logit overall folder")
+    p.set_defaults(func=cmd_export)
+
+
+REGISTRARS += [add_score, add_pairs, add_export]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +409,7 @@ def _check_backbone_fits(params: Params) -> None:
     from fluent_reward.model import resolve_backbone
 
     try:
-        backbone_config = AutoConfig.from_pretrained(resolve_backbone(params.train.backbone))
+        backbone_config = AutoConfig.from_pretrained(resolve_backbone(params.train.backbone, params.data.backbones))
     except (OSError, ValueError):
         return  # an unreadable backbone: the training stage reports it with its own message
     check_max_length(params.train, backbone_config)

@@ -18,23 +18,31 @@ path (``fast=True``) runs the model in bfloat16 on CPUs with native bf16 instruc
 1.8x the fp32 throughput, scores within Spearman 0.999 of fp32. ``fast="int8"`` (dynamic int8 quantisation of the
 encoder's linear layers, per-channel weights) can be faster still but is noisier (Spearman 0.88-0.99 against fp32 on
 the trained model: activations are quantised per tensor, and BERT's outlier channels cost them precision); it is
-what ``fast=True`` falls back to on CPUs without bf16. ``bench/scoring.py`` measures both.
+what ``fast=True`` falls back to on CPUs without bf16. ``bench/scoring.py`` measures both, and the ONNX export
+scored with onnxruntime (``backend="onnx"``, fp32, same scores as torch fp32).
+
+Scores are clipped to the judge's scale by default (``clip=False`` for the raw regression outputs, which can fall
+past the scale's ends).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import math
 import os
+import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fluent_reward.errors import FluentRewardError
+from fluent_reward.io import atomic_open
 from fluent_reward.model import encode_batch, split_turns
 from fluent_reward.model_folder import ModelMetadata, classifier_layer, load_model_folder
 
@@ -48,6 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = "models/reward_model_final"
 FAST_MODES = ("int8", "bf16")
+BACKENDS = ("torch", "onnx")
 _STUDENT_PREFIX = "Student:"
 
 
@@ -135,13 +144,25 @@ def split_student_message(context: str) -> tuple[str, str]:
     return "\n".join(turns[:-1]), turns[-1][len(_STUDENT_PREFIX) :].strip()
 
 
-def _check_texts(name: str, values: Any, allow_none: bool = False) -> list[Any]:
+def _check_texts(name: str, values: Any, allow_none: bool = False, non_empty: bool = False) -> list[Any]:
+    """A list of strings (or None where allowed); non-empty ones with ``non_empty``, as ``validate`` requires of
+    the student's message and the reply; never an unpaired surrogate (not text: the tokenizer cannot encode it)."""
     if isinstance(values, str | bytes) or not isinstance(values, Sequence):
         raise ValueError(f"{name} must be a list of strings, got {type(values).__name__}")
     for i, value in enumerate(values):
-        if not isinstance(value, str) and not (allow_none and value is None):
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, str):
             kind = "a string or None" if allow_none else "a string"
             raise ValueError(f"{name}[{i}] is {type(value).__name__}, expected {kind}")
+        if non_empty and not value.strip():
+            raise ValueError(f"{name}[{i}] is empty or whitespace only (validate rejects such records too)")
+        surrogate = next((at for at, ch in enumerate(value) if 0xD800 <= ord(ch) <= 0xDFFF), None)
+        if surrogate is not None:
+            raise ValueError(
+                f"{name}[{i}] contains an unpaired surrogate U+{ord(value[surrogate]):04X} at character "
+                f"{surrogate + 1}: not valid text (decode your input with errors='replace')"
+            )
     return list(values)
 
 
@@ -150,14 +171,14 @@ def prepare_inputs(
 ) -> tuple[list[str], list[str], list[str]]:
     """Check the three parallel lists and fill missing student messages from the contexts (ValueError on misuse)."""
     contexts = _check_texts("contexts", contexts)
-    responses = _check_texts("responses", responses)
+    responses = _check_texts("responses", responses, non_empty=True)
     if not responses:
         raise ValueError("responses is empty: nothing to score")
     if len(contexts) != len(responses):
         raise ValueError(f"contexts has {len(contexts)} items but responses has {len(responses)}; they must match")
     if student_messages is None:
         student_messages = [None] * len(contexts)
-    student_messages = _check_texts("student_messages", student_messages, allow_none=True)
+    student_messages = _check_texts("student_messages", student_messages, allow_none=True, non_empty=True)
     if len(student_messages) != len(contexts):
         raise ValueError(
             f"student_messages has {len(student_messages)} items but contexts has {len(contexts)}; they must match"
@@ -169,6 +190,8 @@ def prepare_inputs(
                 context, student = split_student_message(context)
             except ValueError as exc:
                 raise ValueError(f"item {i}: {exc}") from None
+            if not student:
+                raise ValueError(f"item {i}: the context's last 'Student:' turn is empty")
         out_contexts.append(context)
         out_students.append(student)
     return out_contexts, responses, out_students
@@ -196,17 +219,25 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int)
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``mps``, else ``cpu``; anything else is passed to torch as is."""
+    """``auto`` -> ``cuda`` when available (``cuda:LOCAL_RANK`` under ``accelerate launch``), else ``mps``, else
+    ``cpu``; anything else must be a torch device that exists here (ValueError otherwise, not a crash later)."""
     import torch
 
     if device != "auto":
         try:
-            torch.device(device)
+            kind = torch.device(device)
         except RuntimeError as exc:
             raise ValueError(f"device '{device}' is not a torch device ({exc})") from None
+        if kind.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device '{device}': no CUDA GPU is available to this process; use --device cpu (or auto)")
+        if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{device}': only {torch.cuda.device_count()} CUDA device(s) here")
+        if kind.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device '{device}': MPS is not available here; use --device cpu (or auto)")
         return device
     if torch.cuda.is_available():
-        return "cuda"
+        local = int(os.environ.get("LOCAL_RANK", "0")) if shard()[1] > 1 else 0
+        return f"cuda:{local % torch.cuda.device_count()}" if local else "cuda"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
@@ -322,6 +353,8 @@ class RewardModelScorer:
             more throughput on CPU from fused bias/GELU/LayerNorm kernels, after a one-off compilation on the first
             call (tens of seconds; cached by torch across processes). Falls back to eager, with a warning, if the
             compilation fails (e.g. no C++ compiler).
+        backend: ``"torch"`` (a model folder), or ``"onnx"``: onnxruntime on the CPU, with ``path`` a folder
+            written by ``fluent-reward export`` (its ``onnx/``); fp32 only (``fast`` and ``compile`` must be off).
         clip: clip every score to the judge's scale (``scale``, e.g. 1-10; the default). A regression head can
             predict slightly past the scale's ends (on unfamiliar data, well past them); ``clip=False`` returns the
             raw predictions.
@@ -342,6 +375,7 @@ class RewardModelScorer:
         num_threads: int | None = None,
         compile: bool = False,
         clip: bool = True,
+        backend: str = "torch",
     ) -> None:
         import torch
 
@@ -349,21 +383,19 @@ class RewardModelScorer:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.path = Path(path)
-        self.device = resolve_device(device)
-        self.mode = fast_mode(fast, self.device)
+        self.backend = backend
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.clip = clip
-        self.num_threads = configure_threads(num_threads) if self.device == "cpu" else None
-        model, self.tokenizer, self.metadata = _load_folder(self.path)
-        model.eval()
-        if self.mode == "int8":
-            model = quantize_int8(model)
-        elif self.mode in ("bf16", "fp16"):
-            model = half_precision(model, torch.bfloat16 if self.mode == "bf16" else torch.float16)
-        self.model = model.to(self.device).eval()
-        self._compiled = torch.compile(self.model, dynamic=True) if compile else None
+        self._compiled = None
+        self._session = None
+        if backend == "onnx":
+            self._init_onnx(device, fast, compile, num_threads)
+        else:
+            self._init_torch(device, fast, compile, num_threads)
         self._mean = torch.tensor(self.metadata.mean, dtype=torch.float32)
         self._std = torch.tensor(self.metadata.std, dtype=torch.float32)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -373,9 +405,37 @@ class RewardModelScorer:
             self.metadata.backbone,
             len(self.dimensions),
             self.device,
-            self.mode + (", compiled" if compile else ""),
+            self.mode + (", compiled" if compile else "") + (", onnxruntime" if backend == "onnx" else ""),
             f", {self.num_threads} threads" if self.num_threads else "",
         )
+
+    def _init_torch(self, device: str, fast: bool | str, compile: bool, num_threads: int | None) -> None:
+        import torch
+
+        self.device = resolve_device(device)
+        self.mode = fast_mode(fast, self.device)
+        self.num_threads = configure_threads(num_threads) if self.device == "cpu" else None
+        model, self.tokenizer, self.metadata = _load_folder(self.path)
+        model.eval()
+        if self.mode == "int8":
+            model = quantize_int8(model)
+        elif self.mode in ("bf16", "fp16"):
+            model = half_precision(model, torch.bfloat16 if self.mode == "bf16" else torch.float16)
+        self.model = model.to(self.device).eval()
+        self._compiled = torch.compile(self.model, dynamic=True) if compile else None
+
+    def _init_onnx(self, device: str, fast: bool | str, compile: bool, num_threads: int | None) -> None:
+        from fluent_reward.export import load_onnx_folder
+
+        if fast or compile:
+            raise ValueError("backend='onnx' runs the exported fp32 graph: fast and compile must be off")
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"backend='onnx' runs on the CPU (onnxruntime); device '{device}' is not supported")
+        self.device, self.mode, self.model = "cpu", "fp32", None
+        self.num_threads = configure_threads(num_threads)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: is not a folder; give the onnx/ folder of `fluent-reward export`")
+        self._session, self.tokenizer, self.metadata, self._onnx_inputs = load_onnx_folder(self.path)
 
     # -- properties --------------------------------------------------------------------------------------------
 
@@ -422,15 +482,16 @@ class RewardModelScorer:
         show_progress: bool = False,
         return_dimensions: bool = False,
         weights: Mapping[str, float] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> list[float] | list[Scores]:
         """Scores of many replies, in input order.
 
         Returns the overall head per reply; with ``weights``, the weighted mean of the predicted dimensions with
         those weights instead; with ``return_dimensions``, one ``Scores`` per reply (``weights`` ignored: call
-        ``Scores.weighted(weights)``).
+        ``Scores.weighted(weights)``). ``on_batch(n)`` is called after each forward pass of ``n`` replies.
         """
         checked = check_weights(weights, self.dimensions) if weights is not None and not return_dimensions else None
-        values = self.predict(contexts, responses, student_messages, batch_size, show_progress)
+        values = self.predict(contexts, responses, student_messages, batch_size, show_progress, on_batch)
         if return_dimensions:
             return [self._scores(row) for row in values.tolist()]
         if checked is None:
@@ -444,10 +505,11 @@ class RewardModelScorer:
         student_messages: Sequence[str | None] | None = None,
         batch_size: int | None = None,
         show_progress: bool = False,
+        on_batch: Callable[[int], None] | None = None,
     ) -> list[Scores]:
         """One ``Scores`` (overall head + every dimension) per reply, in input order."""
         return self.score_batch(
-            contexts, responses, student_messages, batch_size, show_progress, return_dimensions=True
+            contexts, responses, student_messages, batch_size, show_progress, return_dimensions=True, on_batch=on_batch
         )
 
     def best_of_n(
@@ -463,7 +525,7 @@ class RewardModelScorer:
         """
         if not isinstance(context, str):
             raise ValueError(f"context must be a string, got {type(context).__name__}")
-        candidates = _check_texts("candidates", candidates)
+        candidates = _check_texts("candidates", candidates, non_empty=True)
         if not candidates:
             raise ValueError("candidates is empty: best_of_n needs at least one candidate reply")
         n = len(candidates)
@@ -478,6 +540,7 @@ class RewardModelScorer:
         student_messages: Sequence[str | None] | None = None,
         batch_size: int | None = None,
         show_progress: bool = False,
+        on_batch: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Judge-scale predictions, shape ``(n, 1 + n_dims)``: column 0 the overall head, then the dimensions
         (clipped to the scale unless the scorer was made with ``clip=False``)."""
@@ -500,15 +563,25 @@ class RewardModelScorer:
         out = np.empty((len(encoded), len(self.metadata.labels)), dtype=np.float32)
         with _progress(show_progress, len(encoded)) as advance, torch.inference_mode():
             for batch in plan_batches(lengths, batch_size, self.max_batch_tokens):
-                inputs = self._collate([encoded[i] for i in batch])
-                logits = self._forward(inputs).logits.float().cpu()
+                logits = self._logits(self._collate([encoded[i] for i in batch]))
                 out[batch] = (logits * self._std + self._mean).numpy()
                 advance(len(batch))
+                if on_batch is not None:
+                    on_batch(len(batch))
         if self.clip:
             np.clip(out, *self.scale, out=out)
         return out
 
     # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp32 logits on the CPU, shape (batch, labels)."""
+        import torch
+
+        if self._session is not None:
+            feed = {name: inputs[name].numpy() for name in self._onnx_inputs}
+            return torch.from_numpy(self._session.run(None, feed)[0]).float()
+        return self._forward(inputs).logits.float().cpu()
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> Any:
         if self._compiled is not None:
@@ -585,6 +658,20 @@ class ScoreFileReport:
     problems_total: int = 0
 
 
+def check_score_paths(source: Path, output: Path) -> None:
+    """Fail fast, before a model is loaded: the input must be a readable, non-empty file; the output not a folder."""
+    from fluent_reward.data import _check_path
+
+    _check_path(Path(source))
+    if Path(output).is_dir():
+        raise FluentRewardError(f"{output}: is a directory; give the path of the JSONL file to write")
+
+
+def shard() -> tuple[int, int]:
+    """``(rank, world size)`` of this process under ``accelerate launch`` / torchrun; ``(0, 1)`` otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def score_file(
     scorer: RewardModelScorer,
     source: Path,
@@ -602,82 +689,155 @@ def score_file(
     'X': ...``) and, with ``cfg.on_error == "fail"``, nothing is written; with ``drop`` they are skipped. Each output
     row: ``id``, ``group_id``, ``overall`` (head), ``weighted_overall`` (with ``weights`` or the model's), ``scores``
     (per dimension), plus the normalised record's fields with ``with_input``. Memory stays constant for JSONL input
-    (a JSON array is parsed whole).
+    (a JSON array is parsed whole). The progress bar advances per scored batch; the run ends with a summary line
+    (records, time, records/s).
+
+    Under ``accelerate launch`` (``WORLD_SIZE`` > 1) each process scores every ``WORLD_SIZE``-th valid record
+    (round-robin, so the shares are equal) into a part file beside ``output``; process 0 then merges the parts into
+    ``output`` in input order.
     """
-    from fluent_reward.data import problem_summary, validate_file
-    from fluent_reward.errors import FluentRewardError
-    from fluent_reward.io import atomic_open
+    from fluent_reward.data import validate_file
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     checked = check_weights(weights, scorer.dimensions) if weights is not None else None
+    rank, world = shard()
     rows, checks = validate_file(source, cfg)  # the validator's own stream: same checks, same messages
     report = ScoreFileReport()
     total = _count_lines(source) if _looks_like_jsonl(source) else None
+    target = output if world == 1 else _part_path(output, rank, world)
+    started = time.perf_counter()
+    try:
+        with (
+            atomic_open(target) as handle,
+            _progress(show_progress and rank == 0, _share(total, rank, world), f"scoring {source.name}") as advance,
+        ):
+            _score_stream(scorer, source, rows, checks, cfg, handle, report, chunk_size, advance, with_input, checked)
+    finally:
+        report.records_read = checks.records_read
+        report.problems = checks.problems[:max_problems_kept]
+        report.problems_total = len(checks.problems)
+    if world > 1:
+        _merge_parts(output, world, rank)
+    _log_summary(report, source, output, time.perf_counter() - started, cfg, rank, world)
+    return report
 
-    def flush(batch: list[dict[str, Any]], handle: Any) -> None:
-        scores = scorer.score_dimensions(
-            [r["context"] for r in batch], [r["tutor_response"] for r in batch], [r["student_message"] for r in batch]
-        )
-        for row, result in zip(batch, scores, strict=True):
-            values = result.as_dict(checked)
-            out = {
-                "id": row["id"],
-                "group_id": row["group_id"],
-                "overall": round(values["overall"], 4),
-                "weighted_overall": round(values["weighted_overall"], 4),
-                "scores": {k: round(v, 4) for k, v in values["scores"].items()},
-            }
-            if with_input:
-                out["input"] = row
-            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
-        report.records_scored += len(batch)
+
+def _score_stream(
+    scorer: RewardModelScorer,
+    source: Path,
+    rows: Iterator[dict[str, Any]],
+    checks: Any,
+    cfg: ValidateConfig,
+    handle: Any,
+    report: ScoreFileReport,
+    chunk_size: int,
+    advance: Callable[[int], None],
+    with_input: bool,
+    weights: dict[str, float] | None,
+) -> None:
+    """Score this process's share of the valid records in chunks, writing rows to ``handle``; raise (discarding
+    the output) when a problem makes the run fail or nothing was scored."""
+    from fluent_reward.data import problem_summary
+
+    rank, world = shard()
 
     def failing() -> bool:
         # With on_error=fail the output will be discarded: keep reading (to report every problem) only.
         return cfg.on_error == "fail" and bool(checks.problems)
 
-    try:
-        with (
-            atomic_open(output) as handle,
-            _progress(show_progress, total, f"scoring {source.name}") as advance,
-        ):
-            buffer: list[dict[str, Any]] = []
-            seen = 0
-            for row in rows:
-                advance(checks.records_read - seen)
-                seen = checks.records_read
-                if failing():
-                    continue
-                buffer.append(row)
-                if len(buffer) >= chunk_size:
-                    flush(buffer, handle)
-                    buffer = []
-            if buffer and not failing():
-                flush(buffer, handle)
-            if failing() or report.records_scored == 0:
-                raise _AbortWrite
-    except _AbortWrite:
-        raise FluentRewardError(problem_summary(source, checks, cfg)) from None
-    finally:
-        report.records_read = checks.records_read
-        report.problems = checks.problems[:max_problems_kept]
-        report.problems_total = len(checks.problems)
-    for problem in report.problems[: cfg.max_problems_shown]:
+    buffer: list[dict[str, Any]] = []
+    valid = 0
+    for row in rows:
+        valid += 1
+        if failing() or (valid - 1) % world != rank:
+            continue
+        buffer.append(row)
+        if len(buffer) >= chunk_size:
+            _score_chunk(scorer, buffer, handle, advance, with_input, weights)
+            report.records_scored += len(buffer)
+            buffer = []
+    if buffer and not failing():
+        _score_chunk(scorer, buffer, handle, advance, with_input, weights)
+        report.records_scored += len(buffer)
+    if failing() or valid == 0:
+        raise FluentRewardError(problem_summary(source, checks, cfg))
+
+
+def _score_chunk(
+    scorer: RewardModelScorer,
+    batch: list[dict[str, Any]],
+    handle: Any,
+    advance: Callable[[int], None],
+    with_input: bool,
+    weights: dict[str, float] | None,
+) -> None:
+    scores = scorer.score_dimensions(
+        [r["context"] for r in batch],
+        [r["tutor_response"] for r in batch],
+        [r["student_message"] for r in batch],
+        on_batch=advance,
+    )
+    for row, result in zip(batch, scores, strict=True):
+        values = result.as_dict(weights)
+        out = {
+            "id": row["id"],
+            "group_id": row["group_id"],
+            "overall": round(values["overall"], 4),
+            "weighted_overall": round(values["weighted_overall"], 4),
+            "scores": {k: round(v, 4) for k, v in values["scores"].items()},
+        }
+        if with_input:
+            out["input"] = row
+        handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+
+
+def _log_summary(
+    report: ScoreFileReport, source: Path, output: Path, seconds: float, cfg: ValidateConfig, rank: int, world: int
+) -> None:
+    for problem in report.problems[: cfg.max_problems_shown] if rank == 0 else []:
         log.warning("%s (skipped)", problem)
     log.info(
-        "scored %d of %d records of %s -> %s%s",
+        "scored %d of %d records of %s -> %s in %.1f s (%.1f records/s)%s%s",
         report.records_scored,
         report.records_read,
         source,
         output,
+        seconds,
+        report.records_scored / max(seconds, 1e-9),
         f" ({report.problems_total} problems, records skipped)" if report.problems_total else "",
+        f" [process {rank} of {world}]" if world > 1 else "",
     )
-    return report
 
 
-class _AbortWrite(Exception):
-    """Raised inside the atomic write to discard the partial output."""
+def _share(total: int | None, rank: int, world: int) -> int | None:
+    """This process's share of ``total`` lines, for its progress bar (approximate when records are dropped)."""
+    return None if total is None else len(range(rank, total, world))
+
+
+def _part_path(output: Path, rank: int, world: int) -> Path:
+    return Path(output).with_name(f".{Path(output).name}.part{rank}-of-{world}")
+
+
+def _merge_parts(output: Path, world: int, rank: int) -> None:
+    """Process 0 interleaves the parts (record i is line i // world of part i % world) into ``output``, atomically,
+    once every process has written its part; the others wait for the merge."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()
+    if rank == 0:
+        parts = [open(_part_path(output, r, world), encoding="utf-8") for r in range(world)]  # noqa: SIM115
+        try:
+            with atomic_open(output) as handle:
+                for lines in itertools.zip_longest(*parts):
+                    handle.writelines(line for line in lines if line is not None)
+        finally:
+            for part in parts:
+                part.close()
+        for r in range(world):
+            _part_path(output, r, world).unlink(missing_ok=True)
+    state.wait_for_everyone()
 
 
 def _looks_like_jsonl(path: Path) -> bool:

@@ -189,6 +189,9 @@ def save_model_folder(model: Any, tokenizer: Any, meta: ModelMetadata, folder: P
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     folded = fold_standardisation(model, meta.mean, meta.std, meta.labels)
+    bad = first_non_finite(folded)
+    if bad is not None:  # e.g. a diverged run: never saved, so never scored
+        raise ModelFolderError(f"{folder}: not saved: tensor '{bad}' holds NaN or infinite values")
     with quiet_transformers():
         folded.save_pretrained(tmp, safe_serialization=True)
         written = tokenizer.save_pretrained(tmp)
@@ -362,10 +365,15 @@ def load_weights(folder: Path, num_labels: int) -> Any:
     if problems:  # a second net: transformers' own report (e.g. keys it renames on load)
         kind, keys = next(iter(problems.items()))
         raise ModelFolderError(f"{path}: {kind.replace('_', ' ')}: {sorted(map(str, keys))[:5]} ({len(keys)} in all)")
-    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+    bad = first_non_finite(model)
     if bad is not None:
         raise ModelFolderError(f"{path}: tensor '{bad}' holds NaN or infinite values")
     return model.eval()
+
+
+def first_non_finite(model: Any) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    return next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
 
 
 def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:

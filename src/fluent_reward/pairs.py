@@ -8,10 +8,14 @@ as they are by ``trl.DPOTrainer`` (extra columns are dropped by its ``remove_unu
 - ``format="plain"``: ``prompt`` is the conversation as ``Tutor: ...`` / ``Student: ...`` lines ending with a
   ``Tutor:`` cue; ``chosen`` / ``rejected`` are the replies, each starting with a space;
 - ``format="conversational"``: ``prompt`` is a list of messages (student turns ``user``, tutor turns ``assistant``,
-  an optional ``system`` first); ``chosen`` / ``rejected`` are one ``assistant`` message each;
+  an optional ``system`` first); ``chosen`` / ``rejected`` are one ``assistant`` message each. Most conversations
+  start with the tutor, and strict chat templates reject a prompt whose first turn is the assistant's: with
+  ``user_first="system"`` the tutor turns before the first student turn are folded into the system message, with
+  ``user_first="user"`` into the first user message, so every prompt starts with ``system`` or ``user``;
 
-plus ``group_id``, ``chosen_id``, ``rejected_id``, ``score_chosen``, ``score_rejected``. Order is deterministic:
-groups in order of first appearance, pairs within a group in record order.
+plus ``group_id``, ``chosen_id``, ``rejected_id``, ``score_chosen``, ``score_rejected`` and ``margin`` (their gap,
+which TRL's ``RewardTrainer`` uses as a margin in its loss). Order is deterministic: groups in order of first
+appearance, pairs within a group in record order.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ log = logging.getLogger(__name__)
 
 Format = Literal["plain", "conversational"]
 Strategy = Literal["all", "best-vs-rest"]
+UserFirst = Literal["system", "user"] | None
 FORMATS = ("plain", "conversational")
 STRATEGIES = ("all", "best-vs-rest")
+USER_FIRST = ("system", "user")
+EARLIER_TUTOR = "Earlier in this conversation, the tutor said:"
 
 
 @dataclass(frozen=True)
@@ -77,12 +84,18 @@ def plain_prompt(context: str, student_message: str) -> str:
     return "\n".join([*turns, f"Student: {student_message.strip()}", "Tutor:"])
 
 
-def conversational_prompt(context: str, student_message: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+def conversational_prompt(
+    context: str, student_message: str, system_prompt: str | None = None, user_first: UserFirst = None
+) -> list[dict[str, str]]:
     """The conversation so far as chat messages: ``Student:`` turns are ``user``, ``Tutor:`` turns ``assistant``.
 
-    Consecutive turns of the same role are merged (chat templates expect alternating roles).
+    Consecutive turns of the same role are merged (chat templates expect alternating roles). ``user_first``:
+    fold the tutor turns before the first student turn into the system message (``"system"``) or into the first
+    user message (``"user"``), under the line ``EARLIER_TUTOR``, so that the prompt starts with ``system`` / ``user``.
     """
-    messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if user_first not in (None, *USER_FIRST):
+        raise ValueError(f"user_first must be one of {list(USER_FIRST)} or None, got {user_first!r}")
+    messages: list[dict[str, str]] = []
     for turn in [*split_turns(context), f"Student: {student_message.strip()}"]:
         if turn.startswith("Student:"):
             role, text = "user", turn[len("Student:") :].strip()
@@ -94,10 +107,23 @@ def conversational_prompt(context: str, student_message: str, system_prompt: str
             messages[-1]["content"] += "\n" + text
         else:
             messages.append({"role": role, "content": text})
-    return messages
+    system = system_prompt or ""
+    if user_first and messages[0]["role"] == "assistant":
+        earlier = f"{EARLIER_TUTOR}\n{messages.pop(0)['content']}"
+        if user_first == "system":
+            system = f"{system}\n\n{earlier}" if system else earlier
+        else:
+            messages[0]["content"] = f"{earlier}\n\n{messages[0]['content']}"
+    return ([{"role": "system", "content": system}] if system else []) + messages
 
 
-def make_row(chosen: Candidate, rejected: Candidate, fmt: Format, system_prompt: str | None = None) -> dict[str, Any]:
+def make_row(
+    chosen: Candidate,
+    rejected: Candidate,
+    fmt: Format,
+    system_prompt: str | None = None,
+    user_first: UserFirst = None,
+) -> dict[str, Any]:
     if fmt == "plain":
         row: dict[str, Any] = {
             "prompt": plain_prompt(chosen.context, chosen.student_message),
@@ -106,7 +132,7 @@ def make_row(chosen: Candidate, rejected: Candidate, fmt: Format, system_prompt:
         }
     elif fmt == "conversational":
         row = {
-            "prompt": conversational_prompt(chosen.context, chosen.student_message, system_prompt),
+            "prompt": conversational_prompt(chosen.context, chosen.student_message, system_prompt, user_first),
             "chosen": [{"role": "assistant", "content": chosen.tutor_response.strip()}],
             "rejected": [{"role": "assistant", "content": rejected.tutor_response.strip()}],
         }
@@ -118,6 +144,7 @@ def make_row(chosen: Candidate, rejected: Candidate, fmt: Format, system_prompt:
         rejected_id=rejected.id,
         score_chosen=round(chosen.overall, 4),
         score_rejected=round(rejected.overall, 4),
+        margin=round(chosen.overall - rejected.overall, 4),
     )
     return row
 
@@ -132,6 +159,7 @@ def build_pairs(
     fmt: Format = "plain",
     strategy: Strategy = "all",
     system_prompt: str | None = None,
+    user_first: UserFirst = None,
 ) -> tuple[list[dict[str, Any]], list[GroupSummary]]:
     """Preference pairs within each group, and a summary per group.
 
@@ -159,7 +187,7 @@ def build_pairs(
                 summary.below_gap += 1
                 continue
             chosen, rejected = (a, b) if a.overall > b.overall else (b, a)
-            rows.append(make_row(chosen, rejected, fmt, system_prompt))
+            rows.append(make_row(chosen, rejected, fmt, system_prompt, user_first))
             summary.pairs += 1
             summary.gaps.append(gap)
         summaries.append(summary)
@@ -193,24 +221,20 @@ def judged_candidates(validated: Path, judgments: Path, rubric: Rubric) -> list[
 
 
 def model_candidates(source: Path, scorer: Any, cfg: Any, show_progress: bool = False) -> list[Candidate]:
-    """The records of an input file (checked like ``validate``), scored by the reward model's overall head.
+    """The records of an input file, read through the validator as ``validate`` and ``score`` read it, scored by
+    the reward model's overall head.
 
-    Invalid records are an error (listing them), as with ``validate.on_error: fail``.
+    With ``cfg.on_error == "fail"`` any invalid record is an error listing the problems (nothing is written); with
+    ``drop`` invalid records are skipped, each reported in a warning.
     """
-    from fluent_reward.data import Problem, _display_id, check_record, iter_raw_records, normalise
+    from fluent_reward.data import problem_summary, validate_file
 
-    problems: list[Problem] = []
-    rows = []
-    for number, record in iter_raw_records(source, problems):
-        found = check_record(record, cfg)
-        problems += [Problem(k, str(source), m, number, _display_id(record), f) for k, f, m in found]
-        if not found:
-            rows.append(normalise(record))
-    if problems:
-        shown = "\n".join(str(p) for p in problems[: cfg.max_problems_shown])
-        raise FluentRewardError(f"{shown}\n{source}: {len(problems)} problems; fix them (or run `validate` first)")
-    if not rows:
-        raise FluentRewardError(f"{source}: no records")
+    rows, checks = validate_file(source, cfg)
+    rows = list(rows)
+    if (cfg.on_error == "fail" and checks.problems) or not rows:
+        raise FluentRewardError(problem_summary(source, checks, cfg))
+    for problem in checks.problems[: cfg.max_problems_shown]:
+        log.warning("%s (skipped)", problem)
     scores = scorer.score_batch(
         [r["context"] for r in rows],
         [r["tutor_response"] for r in rows],
@@ -248,9 +272,10 @@ def write_pairs(
     strategy: Strategy = "all",
     system_prompt: str | None = None,
     source: str = "judgments",
+    user_first: UserFirst = None,
 ) -> dict[str, Any]:
     """Build the pairs, write them (JSONL, atomically) and their summary; return the summary."""
-    rows, groups = build_pairs(candidates, min_gap, fmt, strategy, system_prompt)
+    rows, groups = build_pairs(candidates, min_gap, fmt, strategy, system_prompt, user_first)
     with atomic_open(output) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -258,6 +283,7 @@ def write_pairs(
         "source": source,
         "format": fmt,
         "strategy": strategy,
+        "user_first": user_first,
         "min_gap": min_gap,
         "candidates": len(candidates),
         "groups": len(groups),

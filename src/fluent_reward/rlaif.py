@@ -12,6 +12,10 @@ expects one float per completion. Both of TRL's dataset formats are handled:
 
 When the dataset has ``context`` and ``student_message`` columns, they are used as they are instead of parsing the
 prompt.
+
+An empty (or whitespace-only) completion, which a policy can produce by stopping at once, gets the bottom of the
+judge's scale without a model call: the scorer refuses empty replies (as ``validate`` does), and a training loop must
+not stop on one.
 """
 
 from __future__ import annotations
@@ -106,8 +110,14 @@ class TutorReward:
             parsed = [from_plain(p) if isinstance(p, str) else from_messages(p) for p in prompts]
             contexts, students = [c for c, _ in parsed], [s for _, s in parsed]
         responses = [completion_text(c) for c in completions]
-        scores = self.scorer.score_batch(contexts, responses, students, weights=self.weights)
-        return [float(s) - self.offset for s in scores]
+        scored = [i for i, text in enumerate(responses) if text.strip()]
+        rewards = [float(self.scorer.scale[0]) - self.offset] * len(responses)  # empty replies: the scale's bottom
+        if scored:
+            pick = [(contexts[i], responses[i], students[i]) for i in scored]
+            values = self.scorer.score_batch(*map(list, zip(*pick, strict=True)), weights=self.weights)
+            for i, value in zip(scored, values, strict=True):
+                rewards[i] = float(value) - self.offset
+        return rewards
 
 
 def make_reward_function(scorer: Any, weights: Mapping[str, float] | None = None, center: bool = False) -> TutorReward:
