@@ -66,7 +66,7 @@ def test_overall_folder_loads_with_num_labels_1_and_scores_on_the_judge_scale(mo
     )
     assert not any(info.values()), info  # nothing missing, nothing randomly initialised
     tokenizer = AutoTokenizer.from_pretrained(exported / "overall")
-    (item,) = encode_batch(tokenizer, [CONTEXT], [STUDENT], [REPLY], 128)
+    (item,) = encode_batch(tokenizer, [CONTEXT], [STUDENT], [REPLY], 128, keep_first_turns=1)
     with torch.no_grad():
         logit = model(**{k: torch.tensor([v]) for k, v in item.items()}).logits[0, 0].item()
     expected = RewardModelScorer(model_dir, device="cpu", clip=False).score(CONTEXT, REPLY, STUDENT)
@@ -92,7 +92,7 @@ def test_chat_template_renders_the_exact_input_ids(exported, context):
 
     tokenizer = AutoTokenizer.from_pretrained(exported / "overall")
     text = tokenizer.apply_chat_template(_messages(context, STUDENT, REPLY), tokenize=False)
-    (item,) = encode_batch(tokenizer, [context], [STUDENT], [REPLY], 128)
+    (item,) = encode_batch(tokenizer, [context], [STUDENT], [REPLY], 128, keep_first_turns=1)
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == item["input_ids"]
     if not context:
         assert text.startswith("[CLS][context] (none)\n[student] ")
