@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         "--backbone", help="the multilingual backbone folder (default: where `fluent-reward backbone` writes)"
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512], help="max_length values")
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per loop (after 1 warm-up)")
-    parser.add_argument("--groups", type=int, default=24, help="sample groups used (a subset keeps the run short)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per loop (after 1 warm-up)")
+    parser.add_argument("--groups", type=int, default=16, help="sample groups used (a subset keeps the run short)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs over which the one-off cache cost is spread")
     parser.add_argument("--minilm-only", action="store_true", help="skip the multilingual backbone")
     parser.add_argument("--json", type=Path, help="also write the figures here")
