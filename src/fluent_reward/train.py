@@ -687,7 +687,8 @@ def fit(
     """Train on the ``splits["train"]`` groups, early-stop on the ``splits["validation"]`` groups.
 
     Args:
-        params: reads ``train`` and ``rubric``; nothing under ``data`` (no file is read or written).
+        params: reads ``train`` and ``rubric``; nothing under ``data`` (no file is read or written; past
+            ``train.frozen_cache_max_mb`` the frozen-layer cache is a temporary file, removed before returning).
         records: judged records (``data.load_judged_records``); records of other groups (test) are ignored.
         splits: ``{"train": [group ids], "validation": [group ids], ...}``.
         progress: draw a progress bar on a terminal (main process); elsewhere progress is logged every ~30 s.
