@@ -134,6 +134,13 @@ def test_first_turns_that_do_not_fit_give_way_to_the_latest(tokenizer):
     assert len(item["input_ids"]) <= 50
 
 
+def test_of_the_first_turns_only_those_that_fit_in_order_survive(tokenizer):
+    context = "Tutor: Problema corto.\nStudent: " + "muy " * 80 + "largo\nTutor: ¿Y ahora?\nStudent: Una de terror."
+    text, item = _decoded(tokenizer, 60, context=context, keep_first=2)
+    assert "problema corto. ( earlier turns omitted )" in text and "muy" not in text
+    assert "student : una de terror. [ student ]" in text and len(item["input_ids"]) <= 60
+
+
 def test_truncation_stats_count_cut_inputs_and_dropped_tokens(tokenizer):
     contexts = [CONTEXT, "", CONTEXT]
     full, stats = encode_with_stats(tokenizer, contexts, [STUDENT] * 3, [REPLY] * 3, 256, 1)

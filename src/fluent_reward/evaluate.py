@@ -425,8 +425,8 @@ def render_report(metrics: dict[str, Any], dimensions: Sequence[str], plots: Seq
         f"best-of-N gain {_fmt(m('validation.best_of_n_gain'))}.",
         "",
         f"Inputs longer than the model's max_length: {m('truncated_examples')} of {m('n_test')} test inputs "
-        f"({_fmt(m('truncated_share'))}) lost context turns, {_fmt(m('truncated_mean_dropped_tokens'))} tokens "
-        "on average.",
+        f"({_fmt(m('truncated_share'))}) lost context turns, {m('truncated_mean_dropped_tokens')} tokens on "
+        "average.",
         "",
         "| dimension | Spearman | MAE | " + " | ".join(BASELINE_LABELS[b] for b in BASELINES) + " |",
         "|---|---|---|" + "---|" * len(BASELINES),

@@ -147,9 +147,9 @@ def encode_with_stats(
 def _fit(
     tokenizer: Any, turns: list[str], student: str, response: str, max_length: int, keep_first: int
 ) -> dict[str, list[int]]:
-    """The longest input within ``max_length``: the first ``keep_first`` turns (when they fit), then the latest
-    turns that still fit, the gap marked; if no turn fits, the longer of student message and reply is truncated as
-    a last resort (logged), so the position embeddings never overflow.
+    """The longest input within ``max_length``: the first ``keep_first`` turns (as many of them as fit, in order),
+    then the latest turns that still fit, the gap marked; if even the student message and the reply do not fit, the
+    longer of them is truncated as a last resort (logged), so the position embeddings never overflow.
 
     Each turn is tokenised once (only the turns that could fit: every turn costs at least one token), the cut is
     chosen by prefix sums of the turn lengths, and the chosen text is tokenised once to check it (a tokenizer whose
@@ -161,9 +161,8 @@ def _fit(
         head = turns[: min(keep_first, len(turns))]
         rest = turns[len(head) :][-budget:]  # more than `budget` latest turns can never fit
         lengths = [len(ids) for ids in tokenizer(head + rest, add_special_tokens=False, verbose=False)["input_ids"]]
-        head_cost = sum(lengths[: len(head)])
-        if head_cost > budget:  # the first turns alone do not fit: keep the latest turns only
-            head, head_cost = [], 0
+        n_head = _longest_suffix_within(lengths[: len(head)][::-1], budget)  # the first turns that fit, in order
+        head, head_cost = head[:n_head], sum(lengths[:n_head])
         n_tail = _longest_suffix_within(lengths[len(lengths) - len(rest) :], budget - head_cost)
         while n_tail or head:
             kept = head + (rest[len(rest) - n_tail :] if n_tail else [])
@@ -172,7 +171,8 @@ def _fit(
                 return item
             n_tail, head = (n_tail - 1, head) if n_tail else (0, head[:-1])
     a, b = format_segments([], student, response, omitted_at=0 if turns else None)
-    log.debug("student message + reply exceed max_length=%d tokens; truncating the longer one", max_length)
+    if budget <= 0:
+        log.debug("student message + reply exceed max_length=%d tokens; truncating the longer one", max_length)
     return dict(tokenizer(a, b, truncation="longest_first", max_length=max_length))
 
 
