@@ -85,7 +85,14 @@ def add_validate(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # outputs: where everything is (printed at the end of `make repro`)
 
-HEADLINE_METRICS = ("overall.spearman", "pairwise_accuracy", "best_of_n_agreement", "baseline.tfidf_ridge.spearman")
+HEADLINE_METRICS = (
+    "overall.spearman",
+    "pairwise_accuracy",
+    "best_of_n_gain",
+    "baseline.char_tfidf_ridge.spearman",
+    "baseline.char_tfidf_ridge.pairwise_accuracy",
+    "baseline.char_tfidf_ridge.best_of_n_gain",
+)
 
 
 def cmd_outputs(params: Params, args: argparse.Namespace) -> None:

@@ -37,13 +37,12 @@ from fluent_reward.evaluate import (
     best_of_n_agreement,
     best_of_n_gain,
     pairwise_accuracy,
-    spearman,
 )
 from fluent_reward.io import atomic_open, file_sha256, read_json, stable_hash, write_json
-from fluent_reward.model import predict_scores
-
-# lead: group_languages / target_matrix / fit live in train.py on this branch (splits.py etc. on the speed branch)
-from fluent_reward.train import fit, group_languages, target_matrix, training_data_sha256
+from fluent_reward.model import predict_scores, target_matrix
+from fluent_reward.splits import group_languages, training_data_sha256
+from fluent_reward.stats import spearman
+from fluent_reward.train import fit
 
 log = logging.getLogger(__name__)
 
