@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.fake_anthropic import API_KEY, FakeAnthropic
+from tests.support import judge_records, strict_client
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs the real CLI in a subprocess with the SDK's strict response validation on, as the in-process tests do.
@@ -26,33 +27,6 @@ JUDGE_LAUNCHER = (
     "factory = lambda **kw: anthropic.AsyncAnthropic(_strict_response_validation=True, **kw)\n"
     "sys.exit(main(sys.argv[1:], judge_client_factory=factory))\n"
 )
-_LANGUAGES = ("Spanish", "French", "German", "Japanese")
-
-
-def judge_records(n: int, *, prefix: str = "r") -> list[dict[str, Any]]:
-    """``n`` validated records with distinct replies (the fake scores a reply by its text)."""
-    rows = []
-    for i in range(n):
-        group = i // 3
-        rows.append(
-            {
-                "id": f"{prefix}{i:04d}",
-                "group_id": f"g{group}",
-                "context": f"Tutor: Hola, ¿qué hiciste ayer?\nStudent: Yo ir al cine con mi hermana {group}.",
-                "student_message": f"¿Está bien mi frase número {group}?",
-                "tutor_response": f"Casi: se dice «fui al cine». ¿Qué película viste? (respuesta {prefix}{i:04d})",
-                "language": _LANGUAGES[group % len(_LANGUAGES)],
-            }
-        )
-    return rows
-
-
-def strict_client(**kwargs: Any) -> Any:
-    """The client factory the judge tests pass: the SDK's client with strict response validation, so a wrong
-    shape in the fake fails loudly."""
-    import anthropic
-
-    return anthropic.AsyncAnthropic(_strict_response_validation=True, **kwargs)
 
 
 @dataclass

@@ -156,7 +156,7 @@ def test_bad_option_values_are_refused(project, capsys, args, message):
 
 
 def test_train_refuses_max_length_beyond_the_backbone_before_any_work(project, capsys):
-    from tests.helpers import make_tiny_backbone
+    from tests.support import make_tiny_backbone
 
     backbone = make_tiny_backbone(project / "backbone")  # 512 positions
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ from fluent_reward.inference import (
     prepare_inputs,
     split_student_message,
 )
-from tests.helpers import make_records, make_tiny_model_folder
+from tests.support import make_records, make_tiny_model_folder
 
 DIMS = ("accuracy", "feedback", "engagement")
 

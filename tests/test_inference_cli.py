@@ -10,7 +10,7 @@ import pytest
 from fluent_reward.config import load_params
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.inference import RewardModelScorer, score_file
-from tests.helpers import make_records, make_tiny_model_folder
+from tests.support import make_records, make_tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = ("accuracy", "feedback")

@@ -14,16 +14,10 @@ import yaml
 from fluent_reward.config import load_params
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.judge import InvalidOutput, exclusive_lock, parse_judgment, run_judge
-from tests.conftest import judge_records, strict_client
 from tests.fake_anthropic import API_KEY
+from tests.support import judge_records, record_of, strict_client
 
 DIMS = ("accuracy", "feedback", "engagement", "personalization", "clarity", "encouragement")
-
-
-def record_of(request) -> str:
-    """The record id a Messages request was about (the synthetic replies carry it)."""
-    found = re.search(r"\(respuesta (\w+)\)", request.user_text)
-    return found.group(1) if found else ""
 
 
 def billed_cost(fake, price=(3.0, 15.0, 3.75, 0.30), factor=1.0) -> float:

@@ -16,7 +16,7 @@ from fluent_reward.pairs import (
     plain_prompt,
     summary_path,
 )
-from tests.helpers import make_records, make_tiny_causal_lm, make_tiny_model_folder
+from tests.support import make_records, make_tiny_causal_lm, make_tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = "Tutor: ¡Hola! ¿Qué hiciste ayer?\nStudent: Yo ir al cine.\nTutor: Casi: «fui al cine». ¿Con quién?"

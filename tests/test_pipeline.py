@@ -157,8 +157,7 @@ def _git(cwd: Path, *args: str) -> None:
 
 def _tiny_repo(root: Path) -> Path:
     """A git + DVC copy of the project whose sample is 16 tiny groups and whose backbone is a tiny BERT."""
-    from tests.helpers import make_records, make_tiny_backbone
-    from tests.test_train_support import make_judgments
+    from tests.support import make_judgments, make_records, make_tiny_backbone
 
     project = root / "project"
     project.mkdir()

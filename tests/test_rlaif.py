@@ -6,7 +6,7 @@ import pytest
 
 from fluent_reward.inference import RewardModelScorer
 from fluent_reward.rlaif import TutorReward, completion_text, from_messages, from_plain, make_reward_function
-from tests.helpers import make_records, make_tiny_causal_lm, make_tiny_model_folder
+from tests.support import make_records, make_tiny_causal_lm, make_tiny_model_folder
 
 
 @pytest.fixture(scope="module")

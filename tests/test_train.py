@@ -1,6 +1,6 @@
 """The train stage: splits by group, targets, group-aware batches, losses, and tiny end-to-end runs.
 
-The end-to-end runs use a tiny random BERT (tests/helpers.py) with the real tokenizer: seconds, no network.
+The end-to-end runs use a tiny random BERT (tests/support.py) with the real tokenizer: seconds, no network.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from fluent_reward.train import (
     run_train,
     shard_batches,
 )
-from tests.test_train_support import make_learnable_backbone, tiny_project
+from tests.support import make_learnable_backbone, tiny_project
 
 RATIOS = SplitRatios(train=0.7, validation=0.15, test=0.15)
 
