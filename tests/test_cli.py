@@ -100,15 +100,19 @@ def test_garbage_judgments_file_is_a_message(project, content, message):
         load_judged_records(project / "validated.jsonl", project / "judgments.json", rubric)
 
 
-def test_non_finite_or_off_scale_judgment_scores_are_refused(project):
+@pytest.mark.parametrize(
+    "bad",
+    [lambda s: float("nan"), lambda s: s.max + 1, lambda s: s.min - 0.5, lambda s: True],
+    ids=["nan", "above-the-scale", "below-the-scale", "boolean"],
+)
+def test_non_finite_or_off_scale_judgment_scores_are_refused(project, bad):
     rubric = load_params(project / "params.yaml").rubric
     (project / "validated.jsonl").write_text(_records(1), encoding="utf-8")
-    for bad in (float("nan"), rubric.scale.max + 1, rubric.scale.min - 0.5, True):
-        last = rubric.names[-1]
-        scores = dict.fromkeys(rubric.names, rubric.scale.min) | {last: bad}
-        write_json(project / "j.json", {"judgments": [{"id": "r0", "scores": scores}]})
-        with pytest.raises(FluentRewardError, match=rf"score {last}=.* is not a number on the scale"):
-            load_judged_records(project / "validated.jsonl", project / "j.json", rubric)
+    last = rubric.names[-1]
+    scores = dict.fromkeys(rubric.names, rubric.scale.min) | {last: bad(rubric.scale)}
+    write_json(project / "j.json", {"judgments": [{"id": "r0", "scores": scores}]})
+    with pytest.raises(FluentRewardError, match=rf"score {last}=.* is not a number on the scale"):
+        load_judged_records(project / "validated.jsonl", project / "j.json", rubric)
 
 
 def test_garbage_judgments_through_the_cli(project, capsys):
