@@ -29,8 +29,8 @@ from fluent_reward.config import load_params  # noqa: E402
 from fluent_reward.io import write_jsonl  # noqa: E402
 from fluent_reward.judge import prompt as judge_prompt  # noqa: E402
 from fluent_reward.judge import run_judge  # noqa: E402
-from tests.conftest import judge_records  # noqa: E402
 from tests.fake_anthropic import API_KEY, FakeAnthropic  # noqa: E402
+from tests.support import judge_records  # noqa: E402
 
 
 def make_project(folder: Path, records: int, concurrency: int) -> Path:

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from tests.fake_anthropic import API_KEY, FakeAnthropic
+from tests.support import judge_records, strict_client, write_project_params
 
-ROOT = Path(__file__).resolve().parents[1]
 # Runs the real CLI in a subprocess with the SDK's strict response validation on, as the in-process tests do.
 JUDGE_LAUNCHER = (
     "import sys, anthropic\n"
@@ -26,33 +26,6 @@ JUDGE_LAUNCHER = (
     "factory = lambda **kw: anthropic.AsyncAnthropic(_strict_response_validation=True, **kw)\n"
     "sys.exit(main(sys.argv[1:], judge_client_factory=factory))\n"
 )
-_LANGUAGES = ("Spanish", "French", "German", "Japanese")
-
-
-def judge_records(n: int, *, prefix: str = "r") -> list[dict[str, Any]]:
-    """``n`` validated records with distinct replies (the fake scores a reply by its text)."""
-    rows = []
-    for i in range(n):
-        group = i // 3
-        rows.append(
-            {
-                "id": f"{prefix}{i:04d}",
-                "group_id": f"g{group}",
-                "context": f"Tutor: Hola, ¿qué hiciste ayer?\nStudent: Yo ir al cine con mi hermana {group}.",
-                "student_message": f"¿Está bien mi frase número {group}?",
-                "tutor_response": f"Casi: se dice «fui al cine». ¿Qué película viste? (respuesta {prefix}{i:04d})",
-                "language": _LANGUAGES[group % len(_LANGUAGES)],
-            }
-        )
-    return rows
-
-
-def strict_client(**kwargs: Any) -> Any:
-    """The client factory the judge tests pass: the SDK's client with strict response validation, so a wrong
-    shape in the fake fails loudly."""
-    import anthropic
-
-    return anthropic.AsyncAnthropic(_strict_response_validation=True, **kwargs)
 
 
 @dataclass
@@ -126,21 +99,17 @@ def judge_project(tmp_path, monkeypatch) -> JudgeProject:
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text())  # the rubric file, inlined
-    data = {key: tmp_path / value for key, value in params["data"].items()}
-    params["data"] = {key: str(path) for key, path in data.items()}
-    params["judge"].update(
-        reference_dir=str(tmp_path / "reference"),
-        max_concurrency=4,
-        sdk_max_retries=3,
-        rate_limit_max_wait_s=2,
-        timeout_s=10,
-        batch_poll_interval_s=0.05,
-    )
+    judge = {
+        "reference_dir": str(tmp_path / "reference"),
+        "max_concurrency": 4,
+        "sdk_max_retries": 3,
+        "rate_limit_max_wait_s": 2,
+        "timeout_s": 10,
+        "batch_poll_interval_s": 0.05,
+    }
+    params_path = write_project_params(tmp_path, judge=judge)
     (tmp_path / "reference").mkdir()  # no reference judgments unless a test writes some
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    data = {key: Path(value) for key, value in yaml.safe_load(params_path.read_text(encoding="utf-8"))["data"].items()}
     project = JudgeProject(tmp_path, params_path, data)
     project.write_records(judge_records(12))
     return project

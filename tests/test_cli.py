@@ -20,6 +20,7 @@ from fluent_reward.config import load_params
 from fluent_reward.data import load_judged_records
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open, remove_stale_temps, write_json
+from tests.support import write_project_params
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"context": "Tutor: Hola.", "student_message": "¿Cómo se dice 'cat'?", "tutor_response": "«Gato»."}
@@ -29,10 +30,7 @@ CLI = [sys.executable, "-m", "fluent_reward.cli"]
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """params.yaml (rubric inlined) with every data path under tmp_path; cwd = tmp_path."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text(encoding="utf-8"))
-    params["data"] = {key: str(tmp_path / value) for key, value in params["data"].items()}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_project_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -100,15 +98,19 @@ def test_garbage_judgments_file_is_a_message(project, content, message):
         load_judged_records(project / "validated.jsonl", project / "judgments.json", rubric)
 
 
-def test_non_finite_or_off_scale_judgment_scores_are_refused(project):
+@pytest.mark.parametrize(
+    "bad",
+    [lambda s: float("nan"), lambda s: s.max + 1, lambda s: s.min - 0.5, lambda s: True],
+    ids=["nan", "above-the-scale", "below-the-scale", "boolean"],
+)
+def test_non_finite_or_off_scale_judgment_scores_are_refused(project, bad):
     rubric = load_params(project / "params.yaml").rubric
     (project / "validated.jsonl").write_text(_records(1), encoding="utf-8")
-    for bad in (float("nan"), rubric.scale.max + 1, rubric.scale.min - 0.5, True):
-        last = rubric.names[-1]
-        scores = dict.fromkeys(rubric.names, rubric.scale.min) | {last: bad}
-        write_json(project / "j.json", {"judgments": [{"id": "r0", "scores": scores}]})
-        with pytest.raises(FluentRewardError, match=rf"score {last}=.* is not a number on the scale"):
-            load_judged_records(project / "validated.jsonl", project / "j.json", rubric)
+    last = rubric.names[-1]
+    scores = dict.fromkeys(rubric.names, rubric.scale.min) | {last: bad(rubric.scale)}
+    write_json(project / "j.json", {"judgments": [{"id": "r0", "scores": scores}]})
+    with pytest.raises(FluentRewardError, match=rf"score {last}=.* is not a number on the scale"):
+        load_judged_records(project / "validated.jsonl", project / "j.json", rubric)
 
 
 def test_garbage_judgments_through_the_cli(project, capsys):
@@ -156,7 +158,7 @@ def test_bad_option_values_are_refused(project, capsys, args, message):
 
 
 def test_train_refuses_max_length_beyond_the_backbone_before_any_work(project, capsys):
-    from tests.helpers import make_tiny_backbone
+    from tests.support import make_tiny_backbone
 
     backbone = make_tiny_backbone(project / "backbone")  # 512 positions
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))

@@ -28,7 +28,7 @@ from fluent_reward.cv import (
 )
 from fluent_reward.data import load_judged_records
 from fluent_reward.io import read_json
-from tests.test_train_support import make_learnable_backbone, tiny_project
+from tests.support import make_learnable_backbone, tiny_project
 
 ROOT = Path(__file__).resolve().parents[1]
 N_GROUPS = 12  # tiny_project: 4 replies per group

@@ -27,7 +27,7 @@ from fluent_reward.evaluate import (
 )
 from fluent_reward.io import read_json, write_json
 from fluent_reward.train import run_train
-from tests.test_train_support import make_learnable_backbone, tiny_project
+from tests.support import make_learnable_backbone, tiny_project
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics on hand values

@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from fluent_reward.inference import RewardModelScorer
 from fluent_reward.model import encode_batch
 from fluent_reward.model_folder import ModelFolderError, load_model_folder, save_model_folder
-from tests.helpers import make_records, make_tiny_causal_lm, make_tiny_model_folder
+from tests.support import make_records, make_tiny_causal_lm, make_tiny_model_folder
 
 DIMS = ("accuracy", "feedback")
 HAVE_ONNX = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))

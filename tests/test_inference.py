@@ -18,7 +18,7 @@ from fluent_reward.inference import (
     prepare_inputs,
     split_student_message,
 )
-from tests.helpers import make_records, make_tiny_model_folder
+from tests.support import make_records, make_tiny_model_folder
 
 DIMS = ("accuracy", "feedback", "engagement")
 
@@ -86,9 +86,23 @@ def test_score_batch_keeps_input_order_across_sorted_padded_batches(model_dir, r
 
 
 def test_model_is_in_eval_mode_and_no_grad_is_tracked(scorer, records):
+    import torch
+
     contexts, responses, students = columns(records[:2])
     assert not scorer.model.training
-    assert scorer.predict(contexts, responses, students).shape == (2, 1 + len(DIMS))
+    assert all(p.requires_grad for p in scorer.model.parameters())  # so only the scorer can keep grads off
+    seen = []
+
+    def record(module, args, output):
+        seen.append((torch.is_grad_enabled(), output.logits.requires_grad, module.training))
+
+    handle = scorer.model.register_forward_hook(record)
+    try:
+        assert scorer.predict(contexts, responses, students).shape == (2, 1 + len(DIMS))
+    finally:
+        handle.remove()
+    assert seen and all(entry == (False, False, False) for entry in seen), seen  # no graph built, dropout off
+    assert all(p.grad is None for p in scorer.model.parameters())
 
 
 def test_dimensions_and_reweighting_without_running_the_model_again(model_dir, records, monkeypatch):

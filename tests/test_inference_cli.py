@@ -10,7 +10,7 @@ import pytest
 from fluent_reward.config import load_params
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.inference import RewardModelScorer, score_file
-from tests.helpers import make_records, make_tiny_model_folder
+from tests.support import make_records, make_tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = ("accuracy", "feedback")
@@ -134,12 +134,11 @@ def test_cli_score_errors(tmp_path, model_dir, capsys):
     assert "missing: ['feedback']" in capsys.readouterr().err
     assert cli("--input", str(tmp_path / "nope.jsonl"), "--output", out, "--model", str(model_dir)) == 2
     assert "nope.jsonl: input file does not exist\n" in capsys.readouterr().err
+    cfg = load_params(ROOT / "params.yaml").validate_.model_copy(update={"on_error": "drop"})
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"x": 1}, {"y": 2}])
+    scorer = RewardModelScorer(model_dir)
     with pytest.raises(FluentRewardError, match="no valid records"):
-        params = load_params(ROOT / "params.yaml")
-        cfg = params.validate_.model_copy(update={"on_error": "drop"})
-        score_file(
-            RewardModelScorer(model_dir), write_jsonl(tmp_path / "bad.jsonl", [{"x": 1}, {"y": 2}]), tmp_path / "x", cfg
-        )
+        score_file(scorer, bad, tmp_path / "x", cfg)
 
 
 def test_input_and_output_are_checked_before_the_model_is_loaded(tmp_path, model_dir, capsys, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from fluent_reward.inference import RewardModelScorer, bf16_supported, fast_mode
-from tests.helpers import make_tiny_model_folder
+from tests.support import make_tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample" / "conversations.json"

@@ -14,16 +14,10 @@ import yaml
 from fluent_reward.config import load_params
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.judge import InvalidOutput, exclusive_lock, parse_judgment, run_judge
-from tests.conftest import judge_records, strict_client
 from tests.fake_anthropic import API_KEY
+from tests.support import judge_records, record_of, strict_client
 
 DIMS = ("accuracy", "feedback", "engagement", "personalization", "clarity", "encouragement")
-
-
-def record_of(request) -> str:
-    """The record id a Messages request was about (the synthetic replies carry it)."""
-    found = re.search(r"\(respuesta (\w+)\)", request.user_text)
-    return found.group(1) if found else ""
 
 
 def billed_cost(fake, price=(3.0, 15.0, 3.75, 0.30), factor=1.0) -> float:
@@ -706,14 +700,18 @@ def test_a_bad_jsonl_line_and_a_missing_folder_are_named(judge_project, capsys):
 # Damaged inputs and outputs: one line naming the file, never a traceback
 
 
-def test_a_garbage_batch_ledger_is_named(judge_project, fake_api, capsys):
+@pytest.mark.parametrize(
+    "garbage",
+    ['{"batches": [{"id": "msgbatch_1"}]}', "[1, 2]", "{not json"],
+    ids=["entry-without-fields", "not-an-object", "not-json"],
+)
+def test_a_garbage_batch_ledger_is_named(judge_project, fake_api, capsys, garbage):
     ledger = judge_project.data["judge_batches"]
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    for garbage in ('{"batches": [{"id": "msgbatch_1"}]}', "[1, 2]", "{not json"):
-        ledger.write_text(garbage)
-        assert judge_project.run() == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {ledger}: ") and "fix or delete it" in err and "Traceback" not in err
+    ledger.write_text(garbage)
+    assert judge_project.run() == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ledger}: ") and "fix or delete it" in err and "Traceback" not in err
     assert fake_api.requests == []
 
 

@@ -82,7 +82,7 @@ def test_batch_accepted_but_id_not_saved_is_found_not_paid_again(batch_project, 
     assert batch_project.run() == 0
     first = len(fake_api.batch_creations())
     # An interrupted run: the ledger holds a submitted, uncollected batch for new records.
-    from tests.conftest import judge_records
+    from tests.support import judge_records
 
     batch_project.write_records(judge_records(14))
     ledger_path = batch_project.data["judge_batches"]

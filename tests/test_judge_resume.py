@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import judge_records
-from tests.test_judge import record_of
+from tests.support import judge_records, record_of
 
 
 def _complete_lines(path) -> list[dict]:

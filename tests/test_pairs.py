@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from fluent_reward.pairs import (
     plain_prompt,
     summary_path,
 )
-from tests.helpers import make_records, make_tiny_causal_lm, make_tiny_model_folder
+from tests.support import make_records, make_tiny_causal_lm, make_tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = "Tutor: ¡Hola! ¿Qué hiciste ayer?\nStudent: Yo ir al cine.\nTutor: Casi: «fui al cine». ¿Con quién?"
@@ -133,6 +134,7 @@ def test_cli_pairs_from_judgments_load_with_trl(tmp_path, fmt):
 
 def test_pairs_file_trains_a_dpo_step(tmp_path):
     """TRL's DPOTrainer takes the file as it is (conversational): tokenises it and runs one step."""
+    import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -142,8 +144,10 @@ def test_pairs_file_trains_a_dpo_step(tmp_path):
     args = ["--validated", str(validated), "--judgments", str(judgments), "--output", str(out)]
     assert run_cli(tmp_path, *args, "--format", "conversational") == 0
     lm = make_tiny_causal_lm(tmp_path / "lm")
+    policy = AutoModelForCausalLM.from_pretrained(lm)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(lm),
+        model=policy,
         args=DPOConfig(
             output_dir=str(tmp_path / "out"),
             per_device_train_batch_size=2,
@@ -157,7 +161,10 @@ def test_pairs_file_trains_a_dpo_step(tmp_path):
         processing_class=AutoTokenizer.from_pretrained(lm),
     )
     trainer.train()
-    assert any("loss" in entry for entry in trainer.state.log_history)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(math.isfinite(x) for x in losses)
+    unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p.detach().cpu(), before[n])]
+    assert unchanged == [], "trainable parameters that a DPO step left unchanged"  # every one moves, as in TRL's tests
 
 
 def test_cli_pairs_from_model_scores(tmp_path):

@@ -27,17 +27,29 @@ def stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def test_every_stage_calls_the_console_script_and_reads_params_it_lists():
-    files = {"params.yaml": yaml.safe_load((ROOT / "params.yaml").read_text())}
-    for name, stage in stages().items():
-        assert stage["cmd"].split()[:2] == ["fluent-reward", name]
-        for entry in stage.get("params", []):
-            for file, keys in entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]:
-                document = files.setdefault(file, yaml.safe_load((ROOT / file).read_text()))
-                for key in keys:
-                    node = document
-                    for part in key.split("."):
-                        node = node[part]  # KeyError: dvc.yaml lists a param that the file lacks
+def _has_key(document: dict, dotted: str) -> bool:
+    node = document
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_every_stage_calls_the_console_script_and_reads_params_it_lists(name):
+    stage = stages()[name]
+    assert stage["cmd"].split()[:2] == ["fluent-reward", name]
+    listed = []
+    for entry in stage.get("params", []):
+        listed += entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]
+    missing = [
+        f"{file}: {key}"
+        for file, keys in listed
+        for key in keys
+        if not _has_key(yaml.safe_load((ROOT / file).read_text()), key)
+    ]
+    assert missing == [], f"dvc.yaml stage {name} lists params that the files lack"
 
 
 def test_the_rubric_file_dvc_tracks_is_the_one_params_yaml_names():
@@ -157,8 +169,7 @@ def _git(cwd: Path, *args: str) -> None:
 
 def _tiny_repo(root: Path) -> Path:
     """A git + DVC copy of the project whose sample is 16 tiny groups and whose backbone is a tiny BERT."""
-    from tests.helpers import make_records, make_tiny_backbone
-    from tests.test_train_support import make_judgments
+    from tests.support import make_judgments, make_records, make_tiny_backbone
 
     project = root / "project"
     project.mkdir()

@@ -166,7 +166,7 @@ def test_the_documented_own_rubric_runs_on_imported_ratings_without_a_key(judge_
     """docs/YOUR_RUBRIC.md's example: a 4-dimension rubric without anchors and fractional imported ratings."""
     import yaml
 
-    from tests.conftest import judge_records
+    from tests.support import judge_records
 
     example = yaml.safe_load(_doc_example("rubric.yaml"))
     ratings = json.loads(_doc_example("ratings.json"))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fluent_reward.cli import main
-from tests.helpers import make_records, make_tiny_model_folder
+from tests.support import make_records, make_tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = "import sys\nfrom fluent_reward.cli import main\nsys.exit(main(sys.argv[1:]))\n"

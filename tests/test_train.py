@@ -1,6 +1,6 @@
 """The train stage: splits by group, targets, group-aware batches, losses, and tiny end-to-end runs.
 
-The end-to-end runs use a tiny random BERT (tests/helpers.py) with the real tokenizer: seconds, no network.
+The end-to-end runs use a tiny random BERT (tests/support.py) with the real tokenizer: seconds, no network.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from fluent_reward.train import (
     run_train,
     shard_batches,
 )
-from tests.test_train_support import make_learnable_backbone, tiny_project
+from tests.support import make_learnable_backbone, tiny_project
 
 RATIOS = SplitRatios(train=0.7, validation=0.15, test=0.15)
 
@@ -247,17 +247,13 @@ def test_only_train_groups_are_trained_on(trained):
 def test_the_model_learns_and_loads_with_plain_transformers(trained):
     from transformers import AutoModelForSequenceClassification
 
-    params, _, backbone = trained
+    params, _, _ = trained
     rows = [json.loads(line) for line in (Path(params.data.logs_dir) / LOG_FILE).read_text().splitlines()]
     losses = {e: [r["loss"] for r in rows if r["event"] == "step" and r["epoch"] == e] for e in (1, 2)}
     assert np.mean(losses[2]) < np.mean(losses[1])
     model = AutoModelForSequenceClassification.from_pretrained(params.data.model_dir)
     assert model.config.id2label[0] == "overall" and model.config.num_labels == 1 + len(params.rubric.names)
     assert model.config.problem_type == "regression"
-    before = load_file(backbone / "model.safetensors")
-    after = model.state_dict()
-    changed = [k for k, v in before.items() if f"bert.{k}" in after and not torch.equal(v, after[f"bert.{k}"])]
-    assert "encoder.layer.1.output.dense.weight" in changed and "embeddings.word_embeddings.weight" in changed
 
 
 def test_same_seed_same_weights(trained, tmp_path):
@@ -270,17 +266,44 @@ def test_same_seed_same_weights(trained, tmp_path):
     )
 
 
-def test_frozen_layers_do_not_move_and_the_rest_does(trained, tmp_path):
+@pytest.mark.parametrize(
+    ("freeze", "cached"),
+    [
+        ({"freeze_embeddings": False, "freeze_layers": 0}, False),
+        ({"freeze_embeddings": True, "freeze_layers": 1, "frozen_cache": False}, False),
+        ({"freeze_embeddings": True, "freeze_layers": 1, "frozen_cache": True}, True),
+    ],
+    ids=["all-trainable", "frozen-prefix-whole-model", "frozen-prefix-cache"],
+)
+def test_every_trainable_parameter_moves_and_every_frozen_one_stays(trained, tmp_path, monkeypatch, freeze, cached):
+    """As TRL's trainer tests check: each trainable tensor (new head included) changed, each frozen one is equal,
+    in memory and in the saved folder (whose head alone is folded onto the judge's scale)."""
+    from fluent_reward import train
+
     _, _, backbone = trained
-    params = tiny_project(tmp_path, backbone, epochs=1, freeze_embeddings=True, freeze_layers=1)
-    run_train(params, progress=False)
-    before = load_file(backbone / "model.safetensors")
-    after = load_file(Path(params.data.model_dir) / "model.safetensors")
-    for key in ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight"):
-        assert torch.equal(before[key], after[f"bert.{key}"]), key
-    assert not torch.equal(
-        before["encoder.layer.1.output.dense.weight"], after["bert.encoder.layer.1.output.dense.weight"]
-    )
+    initial: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def freeze_and_remember(model, embeddings, layers):  # the model as training starts: loaded, head new, frozen
+        frozen = real_freeze(model, embeddings, layers)
+        initial.update({n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+        return frozen
+
+    real_freeze = train.freeze
+    monkeypatch.setattr(train, "freeze", freeze_and_remember)
+    params = tiny_project(tmp_path, backbone, epochs=1, **freeze)
+    result = run_train(params, progress=False)
+    assert result.metrics["frozen_prefix_cached"] == int(cached)
+    trained_now = dict(result.model.named_parameters())
+    assert trained_now.keys() == initial.keys()
+    moved = {n for n, (before, _) in initial.items() if not torch.equal(before, trained_now[n].detach().cpu())}
+    trainable = {n for n, (_, requires_grad) in initial.items() if requires_grad}
+    assert moved == trainable, f"trainable but unchanged: {trainable - moved}; frozen but changed: {moved - trainable}"
+    prefix = ("bert.embeddings.", "bert.encoder.layer.0.") if freeze["freeze_embeddings"] else ()
+    assert set(initial) - trainable == {n for n in initial if n.startswith(prefix)}  # what was asked, no more
+    assert {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight"} <= trainable
+    saved = load_file(Path(params.data.model_dir) / "model.safetensors")
+    for name in trained_now.keys() - {n for n in trained_now if n.startswith("classifier.")}:
+        assert torch.equal(saved[name], trained_now[name].detach().cpu()), name
 
 
 def test_errors_are_clear(trained, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fluent_reward.io import read_json
-from tests.test_train_support import REPO, make_learnable_backbone, tiny_project
+from tests.support import REPO, make_learnable_backbone, tiny_project
 
 WORKER = """
 import hashlib, json, sys

@@ -19,8 +19,7 @@ from fluent_reward.model import collate, encode_records, predict_scores
 from fluent_reward.progress import progress
 from fluent_reward.splits import group_languages, make_splits
 from fluent_reward.train import fit, run_train
-from tests.helpers import make_records
-from tests.test_train_support import make_learnable_backbone, tiny_project
+from tests.support import make_learnable_backbone, make_records, tiny_project
 
 
 @pytest.fixture(scope="module")

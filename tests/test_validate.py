@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fluent_reward.cli import main
+from tests.support import write_project_params
 
-ROOT = Path(__file__).resolve().parents[1]
 GOOD = {
     "context": "Tutor: Hola.\nStudent: Hola, soy Ana.",
     "student_message": "¿Cómo se dice 'cat'?",
@@ -23,10 +22,7 @@ GOOD = {
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A temporary project: params.yaml from the repo with the stage paths redirected into tmp_path."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"] = {key: str(tmp_path / Path(value)) for key, value in params["data"].items()}
-    params["rubric"] = yaml.safe_load((ROOT / params["rubric"]).read_text())  # the rubric file, inlined
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    write_project_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
