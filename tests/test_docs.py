@@ -15,6 +15,7 @@ One test per block, by kind:
 - ``json`` / ``yaml``: parse; ``<!-- doc-test: valid-record -->`` passes the real validator and
   ``<!-- doc-test: validated-output -->`` equals its normalised output (``"..."`` stands for any value);
   ``<!-- doc-test: score-row -->`` has exactly the keys of a row ``fluent-reward score`` writes.
+- ``<!-- doc-test: tree -->``: a repository tree; every path and file it names exists, and it names every module.
 - ``<!-- doc-test: skip (reason) -->`` right before a block skips it, visibly (``pytest -rs`` lists the reasons).
   A block of any other kind fails until it is marked.
 """
@@ -45,7 +46,7 @@ FENCE = re.compile(r"^( *)```(\S*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*([\w-]+)\s*(?:\((.+)\))?\s*-->\s*$")
 TYPE_COMMENT = re.compile(r"#\s*->\s*([A-Za-z_][\w\[\], ]*?)(?::|\s|$)")
 NUMBER_COMMENT = re.compile(r"#\s*(?:->\s*)?[-+]?\d+(?:\.\d+)?\s*$")
-MARKERS = {"skip", "valid-record", "validated-output", "score-row"}
+MARKERS = {"skip", "valid-record", "validated-output", "score-row", "tree"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class Block:
 
     @property
     def name(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page.name
+        return f"{page}:{self.line}"
 
 
 def collect_blocks(page: Path) -> list[Block]:
@@ -425,6 +427,40 @@ def check_score_row(shown: Any, root: Path, where: str) -> None:
     assert shown_shape == real_shape, f"{where}: the row shown is not shaped like a real one: {real}"
 
 
+def tree_paths(text: str) -> list[str]:
+    """The paths a repository tree names: its entries (indented under a folder entry) and the files its notes name."""
+    paths, folder = [], ""
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if indent >= 4:  # a note's continuation line: only the file names in it
+            paths += [folder + name for name in re.findall(r"\b([\w-]+\.py)\b", line)]
+            continue
+        entry, _, note = line.strip().partition(" ")
+        if indent == 0:
+            folder = entry if entry.endswith("/") else ""
+            paths.append(entry)
+        else:
+            paths.append(folder + entry)
+        for name in re.findall(r"\b([\w-]+\.py)\b", note):
+            paths.append((folder if indent else entry if entry.endswith("/") else "") + name)
+    return paths
+
+
+def check_tree(block: Block) -> None:
+    paths = tree_paths(block.text)
+    # a folder the pipeline writes (models/) is absent from a clone: its note says it is gitignored
+    outputs = {line.split()[0] for line in block.text.splitlines() if line and "gitignored)" in line}
+    missing = [p for p in paths if not (ROOT / p).exists() and p not in outputs]
+    assert not missing, f"{block.name}: the tree names paths that do not exist: {missing}"
+    package = ROOT / "src" / "fluent_reward"
+    modules = [
+        p for p in package.iterdir() if p.name != "__init__.py" and (p.suffix == ".py" or (p / "__init__.py").exists())
+    ]
+    named = {p.rstrip("/") for p in paths}
+    unnamed = [m.name for m in modules if str(m.relative_to(ROOT)) not in named]
+    assert not unnamed, f"{block.name}: the tree does not name these modules: {sorted(unnamed)}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The tests
 
@@ -451,6 +487,8 @@ def test_block(block: Block, request, tmp_path, monkeypatch):
         run_python_page_upto(block, root, extra)
     elif lang in ("bash", "sh", "shell"):
         assert check_shell(block, tmp_path, prompt_only=False), f"{block.name}: no command in a bash block"
+    elif block.marker == "tree":
+        check_tree(block)
     elif lang in ("", "text"):
         check_shell(block, tmp_path, prompt_only=True)  # a figure or a transcript: its `$ ` lines are commands
     elif lang == "json":
@@ -500,3 +538,23 @@ def test_python_type_comments_are_checked():
     with pytest.raises(AssertionError, match="a comment shows a number"):
         run_python(Block(page, 1, "python", "x = 2.0\nx  # -> 4.85", None, None), {})
     run_python(Block(page, 1, "python", "[1.5, 2.0]  # -> list[float]: scores", None, None), {})
+
+
+def test_markers_and_trees_are_read(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Intro\n<!-- doc-test: skip (needs an API key) -->\n\n```bash\nfluent-reward judge\n```\n"
+        "1. a step:\n   ```python\n   x = 1\n   ```\n",
+        encoding="utf-8",
+    )
+    skipped, step = collect_blocks(page)
+    assert (skipped.marker, skipped.reason, skipped.line, skipped.text) == (
+        "skip",
+        "needs an API key",
+        4,
+        "fluent-reward judge",
+    )
+    assert (step.marker, step.lang, step.text) == (None, "python", "x = 1")
+    tree = Block(page, 1, "", "src/fluent_reward/\n  nope.py     gone\n", "tree", None)
+    with pytest.raises(AssertionError, match=r"do not exist: \['src/fluent_reward/nope\.py'\]"):
+        check_tree(tree)
