@@ -22,6 +22,7 @@ One test per block, by kind:
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import io
@@ -219,21 +220,38 @@ def run_python_page_upto(block: Block, root: Path, extra: dict[str, Any]) -> Non
 # Commands
 
 
-def parse_fluent_reward(args: list[str], where: str) -> None:
+def relax(parser: argparse.ArgumentParser) -> None:
+    """No argument required, in the parser and its subcommands: a command named in prose (`dvc artifacts get`)."""
+    for action in parser._actions:
+        action.required = False
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                relax(subparser)
+
+
+def parse_fluent_reward(args: list[str], where: str, partial: bool = False) -> None:
+    """Parse with the real parser; ``partial``: a command named in prose may leave out its required options."""
+    parser = cli.build_parser()
+    if partial:
+        relax(parser)
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
-            cli.build_parser().parse_args(args)
+            parser.parse_args(args)
         except SystemExit as exc:
             assert exc.code == 0, f"{where}: `fluent-reward {' '.join(args)}`: {stderr.getvalue().strip()}"
 
 
-def parse_dvc(args: list[str], where: str) -> Any:
-    from dvc.cli import DvcParserError, parse_args
+def parse_dvc(args: list[str], where: str, partial: bool = False) -> Any:
+    from dvc.cli import DvcParserError
+    from dvc.cli.parser import get_main_parser
 
+    parser = get_main_parser()
+    if partial:
+        relax(parser)
     with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
         try:
-            return parse_args(args)
+            return parser.parse_args(args)
         except (SystemExit, DvcParserError):
             pytest.fail(f"{where}: `dvc {' '.join(args)}` is not a valid dvc command: {err.getvalue().strip()[-300:]}")
 
@@ -246,8 +264,8 @@ def _cv_pipeline() -> dict[str, Any]:
     return {"cv/dvc.yaml": yaml.safe_load((ROOT / "cv" / "dvc.yaml").read_text())}
 
 
-def check_dvc(args: list[str], where: str, tmp_path: Path) -> None:
-    parsed = parse_dvc(args, where)
+def check_dvc(args: list[str], where: str, tmp_path: Path, partial: bool = False) -> None:
+    parsed = parse_dvc(args, where, partial)
     pipelines = pipeline_files()
     stages = set(pipelines["dvc.yaml"]["stages"])
     if parsed.cmd in ("repro", "status") or args[:1] == ["repro"]:
@@ -257,7 +275,7 @@ def check_dvc(args: list[str], where: str, tmp_path: Path) -> None:
             assert ok, f"{where}: `dvc {' '.join(args)}`: no stage or pipeline file {target!r}"
     if getattr(parsed, "set_param", None):
         check_set_params(parsed.set_param, where, tmp_path)
-    if args[:2] == ["artifacts", "get"]:
+    if args[:2] == ["artifacts", "get"] and parsed.name is not None:
         assert parsed.name in pipelines["dvc.yaml"]["artifacts"], f"{where}: no artifact {parsed.name!r} in dvc.yaml"
 
 
@@ -296,14 +314,14 @@ def check_pip(argv: list[str], where: str) -> None:
             assert extra in extras, f"{where}: pip extra {extra!r} is not in pyproject.toml"
 
 
-def check_command(argv: list[str], where: str, tmp_path: Path) -> None:
+def check_command(argv: list[str], where: str, tmp_path: Path, partial: bool = False) -> None:
     program = Path(argv[0]).name
     if program == "fluent-reward":
-        parse_fluent_reward(argv[1:], where)
+        parse_fluent_reward(argv[1:], where, partial)
     elif "fluent_reward.cli" in argv and program in ("accelerate", "torchrun", "python"):
         parse_fluent_reward(argv[argv.index("fluent_reward.cli") + 1 :], where)
     elif program == "dvc":
-        check_dvc(argv[1:], where, tmp_path)
+        check_dvc(argv[1:], where, tmp_path, partial)
     elif program == "python":
         check_script(argv[1:], where)
     elif program == "pip":
@@ -558,3 +576,21 @@ def test_markers_and_trees_are_read(tmp_path):
     tree = Block(page, 1, "", "src/fluent_reward/\n  nope.py     gone\n", "tree", None)
     with pytest.raises(AssertionError, match=r"do not exist: \['src/fluent_reward/nope\.py'\]"):
         check_tree(tree)
+
+
+INLINE_COMMAND = re.compile(r"`((?:\.venv/bin/)?(?:fluent-reward|dvc) [^`]+)`")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_inline_commands(page: Path, tmp_path):
+    """Commands quoted in the prose (`fluent-reward score --no-clip`, `dvc repro cv/dvc.yaml`) exist as written too.
+
+    A span with a placeholder (``<stage>``, ``...``) shows a form, not a command, and is left out."""
+    text = page.read_text(encoding="utf-8")
+    for match in INLINE_COMMAND.finditer(text):
+        command = match.group(1)
+        if "<" in command or "..." in command or "key=value" in command:
+            continue
+        line = text.count("\n", 0, match.start()) + 1
+        for argv in split_commands(command):
+            check_command(argv, f"{page.name}:{line}", tmp_path, partial=True)
