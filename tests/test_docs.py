@@ -18,6 +18,9 @@ One test per block, by kind:
 - ``<!-- doc-test: tree -->``: a repository tree; every path and file it names exists, and it names every module.
 - ``<!-- doc-test: skip (reason) -->`` right before a block skips it, visibly (``pytest -rs`` lists the reasons).
   A block of any other kind fails until it is marked.
+
+Besides the blocks: commands quoted inline in the prose parse the same way (their required options may be left out),
+and docs/ARCHITECTURE.md's module table has a row for every module.
 """
 
 from __future__ import annotations
