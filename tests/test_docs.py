@@ -607,3 +607,10 @@ def test_architecture_names_every_module():
     modules = [m for m in modules if m.endswith((".py", "/")) and m != "__pycache__/"]
     missing = [m for m in modules if f"| `{m}` |" not in table]
     assert not missing, f"docs/ARCHITECTURE.md: no row for {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_no_page_points_outside_the_clone(page: Path):
+    """A user's clone has no ../shared (this workplace's datasets): no page may send readers there."""
+    lines = [n for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1) if "../shared" in line]
+    assert not lines, f"{page.name}: lines {lines} point at ../shared, which a clone does not have"
