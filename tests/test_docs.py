@@ -446,6 +446,14 @@ def check_score_row(shown: Any, root: Path, where: str) -> None:
     shown_shape = {k: shape(v) for k, v in shown.items()}
     shown_shape = json.loads(json.dumps(shown_shape).replace('"int"', '"float"'))
     assert shown_shape == real_shape, f"{where}: the row shown is not shaped like a real one: {real}"
+    # weighted_overall is the weighted mean of the row's dimension scores (the model's weights: the rubric's), in the
+    # real row and so in the one shown (to the 2 decimals it shows)
+    weights = load_params(root / "params.yaml").rubric.weights
+    for row, tolerance in ((real, 1e-3), (shown, 0.006)):
+        mean = sum(weights[d] * row["scores"][d] for d in weights) / sum(weights.values())
+        assert abs(row["weighted_overall"] - mean) <= tolerance, (
+            f"{where}: weighted_overall {row['weighted_overall']} but the weighted mean of its scores is {mean:.4f}"
+        )
 
 
 def tree_paths(text: str) -> list[str]:
@@ -501,8 +509,10 @@ def test_block(block: Block, request, tmp_path, monkeypatch):
     lang = block.lang.lower()
     if lang == "python":
         root = request.getfixturevalue("project")
-        extra = request.getfixturevalue("trl_presets") if "trl" in block.text else {}
-        if "models/export" in block.text:
+        # what this block and the page's earlier python blocks (run first when this one runs alone) need
+        code = "\n".join(b.text for b in BLOCKS if b.page == block.page and b.lang == "python" and b.line <= block.line)
+        extra = request.getfixturevalue("trl_presets") if "trl" in code else {}
+        if "models/export" in code:
             request.getfixturevalue("exported")
         monkeypatch.chdir(root)
         run_python_page_upto(block, root, extra)
