@@ -1,6 +1,7 @@
 """Scoring speed of RewardModelScorer on this machine, against the machine's own fp32 roofline.
 
-    .venv/bin/python bench/scoring.py                 # bundled sample (+ CIMA when ../shared/datasets has it)
+    .venv/bin/python bench/scoring.py                 # the bundled sample
+    .venv/bin/python bench/scoring.py --cima PATH     # and CIMA's dialogues (its dataset.json), if you have it
     .venv/bin/python bench/scoring.py --json out.json # also write the figures as JSON
 
 It prints, from one run:
@@ -15,7 +16,7 @@ fast >= 2x fp32 score_batch; best-of-8 p50 <= 100 ms with the fast path.
 
 The model is ``models/reward_model_final`` when it exists; otherwise an untrained model of the same architecture
 (the default backbone with fresh heads: same FLOPs, same speed; agreement figures then use random heads). Inputs: the
-bundled sample's records (their real length distribution), and CIMA's dialogues when the shared datasets are there.
+bundled sample's records (their real length distribution), and CIMA's dialogues when ``--cima`` names its file.
 Timings on a shared machine are noisy: the load average at the start is printed; rerun on a quiet machine.
 """
 
@@ -36,7 +37,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample" / "conversations.json"
-CIMA = ROOT.parent / "shared" / "datasets" / "cima" / "dataset.json"
 MODEL = ROOT / "models" / "reward_model_final"
 DIMENSIONS = ["accuracy", "feedback", "engagement", "personalization", "clarity", "encouragement"]
 
@@ -59,11 +59,9 @@ def sample_inputs() -> tuple[Inputs, list[list[int]]] | None:
     return columns, list(groups.values())
 
 
-def cima_inputs(limit: int = 600) -> tuple[Inputs, list[list[int]]] | None:
+def cima_inputs(path: Path, limit: int = 600) -> tuple[Inputs, list[list[int]]]:
     """CIMA (Italian tutoring): ``past_convo`` alternates tutor and student and ends with the student's message."""
-    if not CIMA.is_file():
-        return None
-    data = json.loads(CIMA.read_text(encoding="utf-8"))["prepDataset"]
+    data = json.loads(path.read_text(encoding="utf-8"))["prepDataset"]
     contexts, responses, students, groups = [], [], [], []
     for key in sorted(data, key=lambda k: int(k) if str(k).isdigit() else 0):
         item = data[key]
@@ -381,11 +379,13 @@ def main() -> int:
     parser.add_argument("--naive", type=int, default=64, help="replies scored one by one in the naive loop")
     parser.add_argument("--calls", type=int, default=40, help="best_of_n calls per N and mode")
     parser.add_argument("--repeat", type=int, default=2, help="timed passes per slice (the best is kept)")
-    parser.add_argument("--no-cima", action="store_true", help="skip CIMA even when present")
+    parser.add_argument("--cima", type=Path, help="also time CIMA's dialogues: the path of its dataset.json (optional)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX (onnxruntime) export and scoring")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    if args.cima is not None and not args.cima.is_file():
+        parser.error(f"--cima {args.cima}: no such file (CIMA's dataset.json)")
     logging.basicConfig(level=logging.WARNING)
 
     import torch
@@ -415,9 +415,8 @@ def main() -> int:
         datasets.append(("bundled sample", *(sample or synthetic_inputs())))
         if sample is None:
             print(f"{SAMPLE} not found: synthetic inputs with the sample's length brief instead")
-        cima = None if args.no_cima else cima_inputs()
-        if cima is not None:
-            datasets.append(("CIMA", *cima))
+        if args.cima is not None:
+            datasets.append(("CIMA", *cima_inputs(args.cima)))
         results, checks = {"matmul_gflops": gemm, "load_average_start": load}, []
         for name, inputs, groups in datasets:
             results[name] = run_dataset(name, inputs, groups, model_dir, args)
