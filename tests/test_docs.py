@@ -3,7 +3,7 @@
 One test per block, by kind:
 
 - ``python``: executed, in file order with one namespace per file (as a reader follows a page), in a temporary
-  project whose ``data.model_dir`` holds a tiny model with the rubric's dimensions (tests/helpers.py), with the
+  project whose ``data.model_dir`` holds a tiny model with the rubric's dimensions (tests/support.py), with the
   bundled sample validated, judged (from its reference folder) and paired there. Names a page uses without defining
   them are the reader's own data, preset from the sample (``presets``). A statement commented ``# -> TYPE ...``
   must produce a TYPE (``float``, ``list[float]``, ...); a comment that shows a bare number fails (the tiny model
@@ -99,7 +99,7 @@ BLOCKS = [block for page in PAGES for block in collect_blocks(page)]
 def project(tmp_path_factory) -> Path:
     """A project like a user's clone after ``make repro``, with a tiny model: params, sample, judgments, pairs."""
     from fluent_reward.inference import DEFAULT_MODEL_DIR
-    from tests.helpers import make_tiny_model_folder
+    from tests.support import make_tiny_model_folder
 
     root = tmp_path_factory.mktemp("doc_project")
     for name in ("params.yaml", "rubric.yaml"):
@@ -149,7 +149,7 @@ def trl_presets(project, tmp_path_factory) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.helpers import make_tiny_causal_lm
+    from tests.support import make_tiny_causal_lm
 
     folder = make_tiny_causal_lm(tmp_path_factory.mktemp("policy"))
     data = presets(project)
