@@ -1,9 +1,10 @@
 """Grouped K-fold cross-validation of reward-model recipes, always beside the char n-gram TF-IDF ridge baseline.
 
-    .venv/bin/python bench/quality_cv.py                      # quick: sample + a bea subset, 2 recipes (minutes)
+    .venv/bin/python bench/quality_cv.py                      # quick: the default recipe, sample + 60 bea dialogues
     .venv/bin/python bench/quality_cv.py --dataset bea --bea-dialogues 0 --backbones multilingual-e5-small \\
         --max-lengths 512 --truncations first-latest --train-layers 0 2 --epochs 4 --lrs 1e-4
     .venv/bin/python bench/quality_cv.py --help               # every axis of the grid
+    .venv/bin/python bench/quality_cv.py --table              # the table of every result recorded so far
 
 Datasets: ``sample`` = the bundled sample (data/sample: conversations + reference judgments, overall = the rubric's
 weighted mean, as the pipeline); ``bea`` = ../shared/datasets/bea2025_dev/dev_partA.json (human labels Yes 10 / To
@@ -195,6 +196,16 @@ def encode_first_latest(
     return encode_batch(tokenizer, [context], [student], [reply], max_length)[0]
 
 
+def untruncated_lengths(data: Dataset, tokenizer: Any) -> np.ndarray:
+    """Tokens per input in the pipeline's format with the whole context (how many would need truncating)."""
+    pairs = [
+        format_segments(split_turns(c), s, r)
+        for c, s, r in zip(data.contexts, data.students, data.replies, strict=True)
+    ]
+    encoded = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=False, verbose=False)
+    return np.array([len(ids) for ids in encoded["input_ids"]])
+
+
 def encode(data: Dataset, tokenizer: Any, max_length: int, truncation: str) -> list[dict[str, list[int]]]:
     if truncation == "oldest":
         return encode_batch(tokenizer, data.contexts, data.students, data.replies, max_length)
@@ -264,7 +275,7 @@ def feature_cache(data: Dataset, backbone: str, max_length: int, truncation: str
         truncation,
         len(encoded),
         tokens,
-        100 * float(np.mean([len(e["input_ids"]) >= max_length - 2 for e in encoded])),
+        100 * float(np.mean(untruncated_lengths(data, tokenizer) > max_length)),
         time.perf_counter() - started,
     )
     out = dict(stored)
@@ -547,6 +558,7 @@ def run_dataset(data: Dataset, recipes: list[Recipe], folds: int, seed: int) -> 
     ]
     rows = [{"dataset": data.name, "recipe": "char TF-IDF ridge (char_wb 2-5, reply)", **summarise(baseline)}]
     _print_row(rows[-1])
+    _record(rows[-1], folds, len(data.replies))
     cuts: dict[tuple, set[int]] = {}
     for r in recipes:
         n_layers = 12 if r.backbone == "multilingual-e5-small" else 6
@@ -571,10 +583,14 @@ def run_dataset(data: Dataset, recipes: list[Recipe], folds: int, seed: int) -> 
         row["config"] = r.__dict__
         rows.append(row)
         _print_row(row)
-        OUT.mkdir(parents=True, exist_ok=True)
-        with open(OUT / "quality_cv.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({**row, "folds": folds, "n": len(data.replies)}) + "\n")
+        _record(row, folds, len(data.replies))
     return rows
+
+
+def _record(row: dict[str, Any], folds: int, n: int) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "quality_cv.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({**row, "folds": folds, "n": n}) + "\n")
 
 
 def _fmt(row: dict[str, Any], key: str) -> str:
@@ -592,6 +608,18 @@ def _print_row(row: dict[str, Any]) -> None:
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
+def print_table(path: Path) -> None:
+    """The markdown table of every result recorded in ``path`` (the last run of each dataset, size and recipe)."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        rows[row["dataset"], row.get("n"), row["recipe"]] = row
+    print("| data | recipe | " + " | ".join(COLUMNS) + " | dims won |")
+    print("|" + "---|" * (len(COLUMNS) + 3))
+    for key in sorted(rows, key=lambda k: (k[0], k[1] or 0, "TF-IDF" not in k[2], k[2])):
+        _print_row({**rows[key], "dataset": f"{key[0]} ({key[1]})"})
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", nargs="+", default=["sample", "bea"], choices=["sample", "bea"])
@@ -601,13 +629,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbones", nargs="+", default=["multilingual-e5-small"])
     p.add_argument("--max-lengths", nargs="+", type=int, default=[256])
-    p.add_argument("--truncations", nargs="+", default=["first-latest"], choices=["oldest", "first-latest"])
-    p.add_argument("--train-layers", nargs="+", type=int, default=[0, 2], help="top layers trained (0 = frozen)")
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-4], help="encoder learning rates")
-    p.add_argument("--head-lrs", nargs="+", type=float, default=[1e-3])
-    p.add_argument("--epochs", nargs="+", type=int, default=[4])
+    p.add_argument("--truncations", nargs="+", default=["oldest"], choices=["oldest", "first-latest"])
+    p.add_argument("--train-layers", nargs="+", type=int, default=[1], help="top layers trained (0 = frozen)")
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3], help="encoder learning rates")
+    p.add_argument("--head-lrs", nargs="+", type=float, default=[3e-3])
+    p.add_argument("--epochs", nargs="+", type=int, default=[12])
     p.add_argument("--pairwise-weights", nargs="+", type=float, default=[0.5])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--table", action="store_true", help="only print the table of the results recorded so far")
     return p.parse_args(argv)
 
 
@@ -615,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
+    if args.table:
+        print_table(OUT / "quality_cv.jsonl")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
