@@ -64,12 +64,15 @@ def sample_records(n_groups: int, seed: int = 0) -> list[dict[str, Any]]:
     return chosen
 
 
-def bench_params(backbone: str, max_length: int, precision: str, frozen_cache: bool, threads: int = 1) -> Any:
+def bench_params(
+    backbone: str, max_length: int, precision: str, frozen_cache: bool, threads: int = 1, freeze: int | None = None
+) -> Any:
     from fluent_reward.config import load_params
 
     params = load_params(ROOT / "params.yaml")
     train = params.train.model_copy(
         update={
+            "freeze_layers": params.train.freeze_layers if freeze is None else freeze,
             "backbone": backbone,
             "max_length": max_length,
             "mixed_precision": precision,
@@ -216,12 +219,12 @@ def bench_one(backbone: str, max_length: int, args: argparse.Namespace, peaks: d
     from fluent_reward.splits import group_languages, make_splits
 
     records = sample_records(args.groups)
-    params = bench_params(backbone, max_length, "no", True, args.threads)
+    params = bench_params(backbone, max_length, "no", True, args.threads, args.freeze_layers)
     splits = make_splits(group_languages(records), params.train.split, params.train.seed)
     fp32 = current_steps(params, records, splits, args.steps)
     plan, config = fp32.pop("plan"), fp32.pop("config")
     rows = {"cached fp32": fp32}
-    auto = bench_params(backbone, max_length, "auto", True, args.threads)
+    auto = bench_params(backbone, max_length, "auto", True, args.threads, args.freeze_layers)
     rows["cached auto"] = current_steps(auto, records, splits, args.steps)
     rows["cached auto"].pop("plan"), rows["cached auto"].pop("config")
     rows["naive"] = naive_steps(params, records, splits, plan) | {"precision": "no", "cached": False}
@@ -283,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5, help="epochs over which the one-off cache cost is spread")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: figures per core)")
     parser.add_argument("--minilm-only", action="store_true", help="skip the multilingual backbone")
+    parser.add_argument("--multilingual-only", action="store_true", help="skip all-MiniLM-L6-v2 (6 layers)")
+    parser.add_argument(
+        "--freeze-layers", type=int, help="train.freeze_layers for every backbone (default: params.yaml's)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -299,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         f"bf16 {peaks['bf16']:.0f} GFLOP/s"
     )
     results = []
-    for backbone in backbones(args)[: 1 if args.minilm_only else None]:
+    chosen = backbones(args)[: 1 if args.minilm_only else None][1 if args.multilingual_only else 0 :]
+    for backbone in chosen:
         for length in args.lengths:
             results.append(bench_one(backbone, length, args, peaks))
             print_table(results[-1], args.threads)

@@ -190,10 +190,20 @@ def _tiny_repo(root: Path) -> Path:
     )
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
     params["train"].update(
-        backbone=str(make_tiny_backbone(root / "backbone")), max_length=64, epochs=1, batch_size=16, num_threads=1
+        backbone=str(make_tiny_backbone(root / "backbone")),
+        freeze_layers=1,  # of the tiny backbone's 2 layers
+        max_length=64,
+        epochs=1,
+        batch_size=16,
+        num_threads=1,
     )
     params["evaluate"].update(bootstrap_samples=100)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    # The tiny backbone replaces the converted multilingual one: drop the stage that builds it (~470 MB) and its dep.
+    pipeline = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))
+    converted = pipeline["stages"].pop("backbone")["outs"][0]
+    pipeline["stages"]["train"]["deps"].remove(next(iter(converted)) if isinstance(converted, dict) else converted)
+    (project / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False, allow_unicode=True))
     _git(project, "init", "-q")
     _dvc(project, "init", "-q")
     _dvc(project, "config", "core.analytics", "false")
