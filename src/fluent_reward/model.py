@@ -264,7 +264,7 @@ def predict_logits(
 
 
 def predict_scores(
-    model: Any, tokenizer: Any, metadata: ModelMetadata, records: Sequence[dict[str, Any]], batch_size: int = 32
+    model: Any, tokenizer: Any, metadata: ModelMetadata, records: Sequence[dict[str, Any]], batch_size: int
 ) -> np.ndarray:
     """Judge-scale scores, shape (n, 1 + n_dims), overall first, in the order of ``records`` (validated records),
     with the truncation rule the model was trained with (length-sorted batches inside)."""
