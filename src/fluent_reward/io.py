@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -66,7 +67,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
     them is gone, so a concurrent writer's file is never pulled from under it.
     """
     removed = []
-    for candidate in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         match = _TEMP_NAME.fullmatch(candidate.name)
         if not match or match["name"] != path.name or _alive(match["pid"]):
             continue
@@ -76,10 +77,6 @@ def remove_stale_temps(path: Path) -> list[Path]:
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted write of %s", len(removed), path)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _alive(pid: str | None) -> bool:
