@@ -55,6 +55,24 @@ def test_export_writes_both_folders_with_cards(exported):
         assert (exported / "onnx" / name).is_file(), name
     card = (exported / "overall" / "README.md").read_text(encoding="utf-8")
     assert "| 0 | `overall` |" in card and "`accuracy`" not in card and "GRPOTrainer" in card
+    # --model is not data.model_dir: the pipeline's test metrics (metrics/metrics.json) are not this model's
+    assert "test overall.spearman" not in card
+
+
+def test_export_of_the_pipeline_model_carries_its_test_metrics(model_dir, tmp_path, monkeypatch):
+    from fluent_reward.cli import main
+
+    params = tmp_path / "params.yaml"
+    data = {"model_dir": str(model_dir), "eval_metrics": str(tmp_path / "metrics.json")}
+    text = Path("params.yaml").read_text(encoding="utf-8")
+    for key, value in data.items():
+        text = text.replace(f"\n  {key}: ", f"\n  {key}: {value}  # ", 1)
+    params.write_text(text.replace("rubric: rubric.yaml", f"rubric: {Path('rubric.yaml').resolve()}"), encoding="utf-8")
+    (tmp_path / "metrics.json").write_text(json.dumps({"overall.spearman": 0.75, "n_test": 9}), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["export", "--params", str(params), "--output", str(out), "--no-onnx"]) == 0
+    card = (out / "overall" / "README.md").read_text(encoding="utf-8")
+    assert "| test overall.spearman | 0.75 |" in card and "| test n_test | 9 |" in card
 
 
 def test_overall_folder_loads_with_num_labels_1_and_scores_on_the_judge_scale(model_dir, exported):

@@ -357,12 +357,15 @@ def add_pairs(sub: argparse._SubParsersAction) -> None:
 def cmd_export(params: Params, args: argparse.Namespace) -> None:
     from fluent_reward.export import run_export
 
+    model_dir = Path(args.model or params.data.model_dir)
+    # data.eval_metrics measured data.model_dir: another folder's cards must not claim those test metrics.
+    is_pipeline_model = model_dir.resolve() == Path(params.data.model_dir).resolve()
     written = run_export(
-        Path(args.model or params.data.model_dir),
+        model_dir,
         Path(args.output),
         onnx=not args.no_onnx,
         overall=not args.no_overall,
-        metrics_path=Path(params.data.eval_metrics),
+        metrics_path=Path(params.data.eval_metrics) if is_pipeline_model else None,
     )
     for kind, path in written.items():
         print(f"{kind}: {path}")
