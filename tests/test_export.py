@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from fluent_reward.inference import RewardModelScorer
 from fluent_reward.model import encode_batch
 from fluent_reward.model_folder import ModelFolderError, load_model_folder, save_model_folder
-from tests.support import make_records, make_tiny_causal_lm, make_tiny_model_folder
+from tests.support import make_records, make_tiny_causal_lm, make_tiny_model_folder, write_project_params
 
 DIMS = ("accuracy", "feedback")
 HAVE_ONNX = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
@@ -59,16 +59,12 @@ def test_export_writes_both_folders_with_cards(exported):
     assert "test overall.spearman" not in card
 
 
-def test_export_of_the_pipeline_model_carries_its_test_metrics(model_dir, tmp_path, monkeypatch):
+def test_export_of_the_pipeline_model_carries_its_test_metrics(model_dir, tmp_path):
     from fluent_reward.cli import main
 
-    params = tmp_path / "params.yaml"
-    data = {"model_dir": str(model_dir), "eval_metrics": str(tmp_path / "metrics.json")}
-    text = Path("params.yaml").read_text(encoding="utf-8")
-    for key, value in data.items():
-        text = text.replace(f"\n  {key}: ", f"\n  {key}: {value}  # ", 1)
-    params.write_text(text.replace("rubric: rubric.yaml", f"rubric: {Path('rubric.yaml').resolve()}"), encoding="utf-8")
-    (tmp_path / "metrics.json").write_text(json.dumps({"overall.spearman": 0.75, "n_test": 9}), encoding="utf-8")
+    params = write_project_params(tmp_path, data={"model_dir": str(model_dir)})
+    (tmp_path / "metrics" / "metrics.json").parent.mkdir()
+    (tmp_path / "metrics" / "metrics.json").write_text(json.dumps({"overall.spearman": 0.75, "n_test": 9}))
     out = tmp_path / "out"
     assert main(["export", "--params", str(params), "--output", str(out), "--no-onnx"]) == 0
     card = (out / "overall" / "README.md").read_text(encoding="utf-8")
