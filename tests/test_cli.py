@@ -272,3 +272,11 @@ def test_ten_thousand_deep_json_in_a_subprocess_has_no_traceback(project):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "deep.json: JSON nested too deeply to parse" in proc.stderr
+
+
+def test_outputs_names_a_damaged_metrics_file_without_a_traceback(project, capsys):
+    (project / "metrics").mkdir(exist_ok=True)
+    (project / "metrics" / "metrics.json").write_text('{"overall.spea', encoding="utf-8")
+    assert main(["outputs"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json: not valid JSON" in err and "Traceback" not in err

@@ -96,14 +96,14 @@ HEADLINE_METRICS = (
 
 
 def cmd_outputs(params: Params, args: argparse.Namespace) -> None:
-    import json
+    from fluent_reward.io import read_json_file
 
     for key, path in params.data.model_dump().items():
         mark = "ok " if Path(path).exists() else "-- "
         print(f"{mark} {key:<20} {path}")
     metrics_path = params.data.eval_metrics
     if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        metrics = read_json_file(metrics_path, "expected the evaluate stage's metrics (rerun `dvc repro evaluate`)")
         shown = ", ".join(f"{k}={metrics[k]:.3f}" for k in HEADLINE_METRICS if isinstance(metrics.get(k), float))
         print(f"test split: {shown}  (all: {metrics_path}, report: {params.data.report})")
 
