@@ -36,6 +36,7 @@ from fluent_reward.evaluate import (
     baseline_scores,
     best_of_n_agreement,
     best_of_n_gain,
+    clean_metric,
     pairwise_accuracy,
 )
 from fluent_reward.io import atomic_open, file_sha256, read_json, stable_hash, write_json
@@ -50,7 +51,6 @@ SYSTEMS = ("model", *BASELINES)
 CURVE_METRICS = ("spearman", "pairwise_accuracy", "best_of_n_gain")
 PLOT_NAME = "learning_curve.png"
 CHECKPOINT_DIR = "cv"  # under data.logs_dir: one file per finished (fold, fraction) run
-METRIC_DECIMALS = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,13 +312,7 @@ def cv_metrics(
         for system in SYSTEMS:
             stats = mean_and_std(systems[system], CURVE_METRICS)
             out.update({f"{prefix}{system}.{k}": v for k, v in stats.items()})
-    return {k: _clean(v) for k, v in sorted(out.items())}
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, METRIC_DECIMALS) if math.isfinite(value) else None
-    return value
+    return {k: clean_metric(v) for k, v in sorted(out.items())}
 
 
 def summary_line(metrics: dict[str, Any], folds: int) -> str:

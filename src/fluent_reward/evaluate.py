@@ -290,7 +290,7 @@ def _key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name.strip()) or "unknown"
 
 
-def _clean(value: Any) -> Any:
+def clean_metric(value: Any) -> Any:
     """Round floats for stable, readable diffs; NaN (undefined) becomes null."""
     if isinstance(value, float):
         return round(value, METRIC_DECIMALS) if math.isfinite(value) else None
@@ -553,7 +553,7 @@ def all_metrics(
         metrics.update({prefix + k: v for k, v in values.items()})
     metrics["n_train"] = len(split_idx["train"])
     metrics.update(judge_agreement(params.data.judge_metrics))
-    return {k: _clean(v) for k, v in sorted(metrics.items())}
+    return {k: clean_metric(v) for k, v in sorted(metrics.items())}
 
 
 def run_evaluate(params: Params) -> dict[str, Any]:
