@@ -391,13 +391,14 @@ def main() -> int:
     import torch
     import transformers
 
-    from fluent_reward.inference import available_cpus, bf16_supported
+    from fluent_reward.inference import available_cpus
+    from fluent_reward.model import cpu_has_native_bf16
 
     transformers.logging.set_verbosity_error()
     load = os.getloadavg()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {available_cpus()} CPUs available, "
-        f"native bf16: {bf16_supported()}, load average at start {load[0]:.2f}"
+        f"native bf16: {cpu_has_native_bf16()}, load average at start {load[0]:.2f}"
         + ("  (the machine is busy: figures will be low)" if load[0] > 0.5 else "")
     )
     with tempfile.TemporaryDirectory() as tmp:

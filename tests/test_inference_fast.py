@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from fluent_reward.inference import RewardModelScorer, bf16_supported, fast_mode
+from fluent_reward.inference import RewardModelScorer, fast_mode
+from fluent_reward.model import cpu_has_native_bf16
 from tests.support import make_tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample" / "conversations.json"
 REAL_MODEL = ROOT / "models" / "reward_model_final"
 DIMS = ("accuracy", "feedback", "engagement", "personalization", "clarity", "encouragement")
-needs_bf16 = pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16 instructions")
+needs_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 instructions")
 
 
 def sample_inputs(n: int | None = None) -> tuple[list[str], list[str], list[str]]:
@@ -47,7 +48,7 @@ def fp32_predictions(real_size_dir) -> np.ndarray:
 
 def test_fast_modes_resolve_per_device():
     assert fast_mode(False, "cpu") == "fp32"
-    assert fast_mode(True, "cpu") == ("bf16" if bf16_supported() else "int8")
+    assert fast_mode(True, "cpu") == ("bf16" if cpu_has_native_bf16() else "int8")
     assert fast_mode(True, "cuda") == "fp16"
     with pytest.raises(ValueError, match="runs on CPU only"):
         fast_mode("int8", "cuda")

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open
-from fluent_reward.model import encode_batch, split_turns
+from fluent_reward.model import cpu_has_native_bf16, encode_batch, split_turns
 from fluent_reward.model_folder import ModelMetadata, classifier_layer, load_model_folder
 from fluent_reward.progress import progress
 
@@ -271,15 +271,6 @@ def configure_threads(num_threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def bf16_supported() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (otherwise bf16 is emulated and slower than fp32)."""
-    import torch
-
-    with contextlib.suppress(Exception):
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
 def quantize_int8(model: Any) -> Any:
     """A copy of ``model`` whose encoder ``nn.Linear`` layers are int8 dynamically quantised (weights int8 per output
     channel, activations per tensor, quantised on the fly). The pooler and the regression heads stay fp32: they are a
@@ -321,7 +312,7 @@ def fast_mode(fast: bool | str | None, device: str) -> str:
     if fast is True:
         if device != "cpu":
             return "fp16"
-        if bf16_supported():
+        if cpu_has_native_bf16():
             return "bf16"
         log.info("fast=True: no native bf16 on this CPU, using int8 (faster, but less close to fp32 than bf16)")
         return "int8"
@@ -329,7 +320,7 @@ def fast_mode(fast: bool | str | None, device: str) -> str:
         raise ValueError(f"fast must be True, False or one of {list(FAST_MODES)}, got {fast!r}")
     if fast == "int8" and device != "cpu":
         raise ValueError(f"fast='int8' (dynamic quantisation) runs on CPU only; the device is '{device}'")
-    if fast == "bf16" and device == "cpu" and not bf16_supported():
+    if fast == "bf16" and device == "cpu" and not cpu_has_native_bf16():
         log.warning("fast='bf16': this CPU has no native bf16 instructions; expect it to be slower than fp32")
     return fast
 

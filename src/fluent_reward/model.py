@@ -293,6 +293,16 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 (Linux: from /proc/cpuinfo): the one answer for training and for scoring.
+    Without them bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Backbone
 

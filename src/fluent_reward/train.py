@@ -40,6 +40,7 @@ from fluent_reward.io import stable_hash, write_json
 from fluent_reward.model import (
     OVERALL,
     collate,
+    cpu_has_native_bf16,
     encode_records,
     pad_id,
     predict_in_batches,
@@ -282,15 +283,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 (Linux: from /proc/cpuinfo). Without them bf16 is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def resolve_precision(requested: str) -> str:
