@@ -34,11 +34,8 @@ from fluent_reward.io import atomic_open, read_json, stable_hash, write_json
 from fluent_reward.model import (
     OVERALL,
     TruncationStats,
-    encode_records,
-    pad_id,
-    predict_logits,
+    predict_scores_with_truncation,
     quiet_transformers,
-    scores_from_logits,
     target_matrix,
 )
 from fluent_reward.model_folder import load_model_folder
@@ -515,11 +512,9 @@ def predict_with_truncation(
     """Judge-scale predictions rounded to ``PRED_DECIMALS`` (as written to the CSV), and how much input was cut."""
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    encoded, truncation = encode_records(tokenizer, records, meta.max_length, meta.keep_first_turns)
-    logits = predict_logits(model, encoded, batch_size, pad_id(tokenizer), device)
-    return np.round(scores_from_logits(logits, meta), PRED_DECIMALS), truncation
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    scores, truncation = predict_scores_with_truncation(model, tokenizer, meta, records, batch_size)
+    return np.round(scores, PRED_DECIMALS), truncation
 
 
 def all_metrics(

@@ -268,8 +268,16 @@ def predict_scores(
 ) -> np.ndarray:
     """Judge-scale scores, shape (n, 1 + n_dims), overall first, in the order of ``records`` (validated records),
     with the truncation rule the model was trained with (length-sorted batches inside)."""
-    encoded, _ = encode_records(tokenizer, records, metadata.max_length, metadata.keep_first_turns)
-    return scores_from_logits(predict_logits(model, encoded, batch_size, pad_id(tokenizer)), metadata)
+    return predict_scores_with_truncation(model, tokenizer, metadata, records, batch_size)[0]
+
+
+def predict_scores_with_truncation(
+    model: Any, tokenizer: Any, metadata: ModelMetadata, records: Sequence[dict[str, Any]], batch_size: int
+) -> tuple[np.ndarray, TruncationStats]:
+    """``predict_scores`` and how much of the inputs was cut to fit ``metadata.max_length``."""
+    encoded, truncation = encode_records(tokenizer, records, metadata.max_length, metadata.keep_first_turns)
+    logits = predict_logits(model, encoded, batch_size, pad_id(tokenizer))
+    return scores_from_logits(logits, metadata), truncation
 
 
 def scores_from_logits(logits: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
