@@ -283,12 +283,17 @@ def cmd_score(params: Params, args: argparse.Namespace) -> None:
 
 
 def add_score(sub: argparse._SubParsersAction) -> None:
+    from fluent_reward.inference import CHUNK_SIZE
+
     p = sub.add_parser("score", help="score a JSON/JSONL file of records with the reward model into JSONL (streaming)")
     p.add_argument("--input", required=True, help="records in the input format (JSON array or JSONL)")
     p.add_argument("--output", required=True, help="JSONL: id, group_id, overall, weighted_overall, scores")
     _add_scorer_args(p)
     p.add_argument(
-        "--chunk-size", type=positive_int, default=1024, help="records read and scored at a time (default 1024)"
+        "--chunk-size",
+        type=positive_int,
+        default=CHUNK_SIZE,
+        help=f"records read and scored at a time (default {CHUNK_SIZE})",
     )
     p.add_argument("--on-error", choices=["fail", "drop"], help="invalid records: override validate.on_error")
     p.add_argument("--with-input", action="store_true", help="copy each normalised record into its row ('input')")

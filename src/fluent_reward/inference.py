@@ -650,12 +650,15 @@ def shard() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+CHUNK_SIZE = 1024  # records read and scored at a time by score_file (memory stays bounded on any file size)
+
+
 def score_file(
     scorer: RewardModelScorer,
     source: Path,
     output: Path,
     cfg: ValidateConfig,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     show_progress: bool = False,
     with_input: bool = False,
     weights: Mapping[str, float] | None = None,
