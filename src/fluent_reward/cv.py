@@ -47,7 +47,7 @@ from fluent_reward.train import fit
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("model", *BASELINES)
+SYSTEMS = ("model", "transformer", *BASELINES)  # transformer: the model without its n-gram head
 CURVE_METRICS = ("spearman", "pairwise_accuracy", "best_of_n_gain")
 PLOT_NAME = "learning_curve.png"
 CHECKPOINT_DIR = "cv"  # under data.logs_dir: one file per finished (fold, fraction) run
@@ -182,11 +182,11 @@ def fold_scores(
     test_idx = [i for i, r in enumerate(records) if r["group_id"] in test_groups]
     test_records = [records[i] for i in test_idx]
     fitted = fit(params, records, {"train": plan.train[fraction], "validation": plan.validation}, progress=progress)
-    out = {
-        "model": predict_scores(
-            fitted.model, fitted.tokenizer, fitted.metadata, test_records, params.evaluate.batch_size
-        )
-    }
+    alone = fitted.metadata.with_ngram_head(None)
+    transformer = predict_scores(fitted.model, fitted.tokenizer, alone, test_records, params.evaluate.batch_size)
+    head = fitted.metadata.ngram_head
+    replies = [r["tutor_response"] for r in test_records]
+    out = {"model": head.blend(transformer, replies) if head is not None else transformer, "transformer": transformer}
     del fitted
     gc.collect()
     both = [records[i] for i in train_idx] + test_records
@@ -199,7 +199,7 @@ def run_fingerprint(params: Params) -> str:
     """What one fold's predictions depend on besides the fold and the fraction: the data, the settings that shape
     training and the folds, and the code. A finished run with the same fingerprint is reused, not retrained."""
     package = Path(__file__).parent
-    code = [file_sha256(package / name) for name in ("cv.py", "train.py", "model.py", "evaluate.py", "data.py")]
+    code = [file_sha256(package / name) for name in ("cv.py", "train.py", "model.py", "evaluate.py", "data.py", "ngram.py")]
     return stable_hash(
         training_data_sha256(params.data.judgments, params.data.validated),
         code,

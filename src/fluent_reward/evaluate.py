@@ -39,6 +39,7 @@ from fluent_reward.model import (
     target_matrix,
 )
 from fluent_reward.model_folder import load_model_folder
+from fluent_reward.ngram import char_tfidf, ridge_per_label
 from fluent_reward.splits import SPLITS, UNKNOWN_LANGUAGE, split_of, training_data_sha256
 from fluent_reward.stats import spearman
 
@@ -182,10 +183,9 @@ def length_baseline(records: Sequence[dict[str, Any]]) -> np.ndarray:
 
 def _ridge(features: Any) -> Any:
     """``features`` then a ridge regression per label, its strength chosen by cross-validation on the fit texts."""
-    from sklearn.linear_model import RidgeCV
     from sklearn.pipeline import make_pipeline
 
-    return make_pipeline(features, RidgeCV(alphas=np.logspace(-2, 3, 11), alpha_per_target=True))
+    return make_pipeline(features, ridge_per_label())
 
 
 def tfidf_ridge_baseline(train_texts: Sequence[str], train_targets: np.ndarray, texts: Sequence[str]) -> np.ndarray:
@@ -197,7 +197,7 @@ def tfidf_ridge_baseline(train_texts: Sequence[str], train_targets: np.ndarray, 
     features = FeatureUnion(
         [
             ("word", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)),
-            ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)),
+            ("char", char_tfidf()),
         ]
     )
     model = _ridge(features).fit(list(train_texts), train_targets)
@@ -208,11 +208,9 @@ def char_tfidf_ridge_baseline(
     train_texts: Sequence[str], train_targets: np.ndarray, texts: Sequence[str]
 ) -> np.ndarray:
     """Character n-gram baseline: TF-IDF of character 2-5-grams within word boundaries (``char_wb``, sublinear tf)
-    and a ridge regression per label: the surface model the reward model has to beat (issue 9)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    features = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)
-    model = _ridge(features).fit(list(train_texts), train_targets)
+    and a ridge regression per label: the surface model the reward model has to beat (issue 9), and the features of
+    the model's own n-gram head (``fluent_reward.ngram``)."""
+    model = _ridge(char_tfidf()).fit(list(train_texts), train_targets)
     return np.asarray(model.predict(list(texts)), dtype=float).reshape(len(texts), -1)
 
 

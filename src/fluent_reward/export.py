@@ -42,6 +42,7 @@ from fluent_reward.model_folder import (
     CHECK_STUDENT,
     ModelFolderError,
     ModelMetadata,
+    attach_ngram_head,
     check_encoding,
     check_tokenizer_files,
     classifier_layer,
@@ -49,6 +50,7 @@ from fluent_reward.model_folder import (
     load_tokenizer,
     model_card,
     quiet_transformers,
+    save_ngram_head,
 )
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,19 @@ def export_overall(model: Any, tokenizer: Any, meta: ModelMetadata, out: Path, m
             "by-path scores will be approximate (export.json: chat_template_ids_match false)",
             out,
         )
+    if meta.ngram_weight > 0:
+        log.warning(
+            "%s: holds the transformer's overall score only: the model's n-gram head (ngram_weight %g) is applied by "
+            "RewardModelScorer, the onnx/ export and make_reward_function, not by a by-path loader such as TRL",
+            out,
+            meta.ngram_weight,
+        )
     with _swap(out) as tmp, quiet_transformers():
         single.save_pretrained(tmp, safe_serialization=True)
         chat_tokenizer.save_pretrained(tmp)
-        (tmp / CARD_FILE).write_text(model_card(meta, metrics, overall_only=True) + _trl_note(), encoding="utf-8")
+        (tmp / CARD_FILE).write_text(
+            model_card(meta, metrics, overall_only=True) + _trl_note() + _ngram_note(meta), encoding="utf-8"
+        )
         write_json(
             tmp / EXPORT_FILE,
             {
@@ -86,7 +97,9 @@ def export_overall(model: Any, tokenizer: Any, meta: ModelMetadata, out: Path, m
                 "scale": meta.scale,
                 "max_length": meta.max_length,
                 "chat_template_ids_match": exact_ids,
-                "trl_path_exact": exact_ids and not uses_segment_ids(model, tokenizer),
+                "trl_path_exact": exact_ids and not uses_segment_ids(model, tokenizer) and meta.ngram_weight == 0,
+                "ngram_head_applied": False,  # a by-path loader runs the transformer alone
+                "source_ngram_weight": meta.ngram_weight,
             },
         )
     return out
@@ -212,6 +225,18 @@ def _trl_note() -> str:
 # ONNX
 
 
+def _ngram_note(meta: ModelMetadata) -> str:
+    if meta.ngram_weight == 0:
+        return ""
+    return (
+        "\n## The n-gram head is not in this folder\n\n"
+        f"The reward model's scores blend this transformer ({1 - meta.ngram_weight:g}) with a ridge on the reply's "
+        f"character n-grams ({meta.ngram_weight:g}); this folder holds the transformer alone, so a by-path loader "
+        "(transformers, TRL) gets the transformer's score. The blend: `fluent_reward.RewardModelScorer` on the model "
+        "folder or on `onnx/`, or `fluent_reward.rlaif.make_reward_function`.\n"
+    )
+
+
 def export_onnx(model: Any, tokenizer: Any, meta: ModelMetadata, out: Path, metrics: dict | None = None) -> Path:
     """Write ``model.onnx`` (all labels, judge scale) + tokenizer + metadata + card; returns the folder."""
     import torch
@@ -235,7 +260,10 @@ def export_onnx(model: Any, tokenizer: Any, meta: ModelMetadata, out: Path, metr
         )
         written = tokenizer.save_pretrained(tmp)
         saved = meta.model_copy(
-            update={"tokenizer_files": {Path(p).name: file_sha256(p) for p in written if Path(p).is_file()}}
+            update={
+                "tokenizer_files": {Path(p).name: file_sha256(p) for p in written if Path(p).is_file()},
+                "ngram_files": save_ngram_head(meta, tmp),  # scored with the graph's logits, as in the model folder
+            }
         )
         card = model_card(saved, metrics).replace("## Outputs", "Format: ONNX (`model.onnx`), fp32.\n\n## Outputs")
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
@@ -262,7 +290,7 @@ def _logits_module(model: Any, names: list[str]) -> Any:
 def load_onnx_folder(folder: str | Path) -> tuple[Any, Any, ModelMetadata, list[str]]:
     """``(onnxruntime session, tokenizer, metadata, input names)`` from a verified ONNX export folder."""
     folder = Path(folder)
-    meta = ModelMetadata.load(folder)
+    meta = attach_ngram_head(folder, ModelMetadata.load(folder))
     path = folder / ONNX_FILE
     if not path.is_file():
         raise ModelFolderError(f"{path}: missing; export one with `fluent-reward export --onnx`")

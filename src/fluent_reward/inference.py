@@ -397,7 +397,10 @@ class RewardModelScorer:
             self.metadata.backbone,
             len(self.dimensions),
             self.device,
-            self.mode + (", compiled" if compile else "") + (", onnxruntime" if backend == "onnx" else ""),
+            self.mode
+            + (", compiled" if compile else "")
+            + (", onnxruntime" if backend == "onnx" else "")
+            + (f", n-gram head weight {self.metadata.ngram_weight:g}" if self.metadata.ngram_head else ""),
             f", {self.num_threads} threads" if self.num_threads else "",
         )
 
@@ -560,6 +563,8 @@ class RewardModelScorer:
                 advance(len(batch))
                 if on_batch is not None:
                     on_batch(len(batch))
+        if self.metadata.ngram_head is not None:
+            out = self.metadata.ngram_head.blend(out, responses)
         if self.clip:
             np.clip(out, *self.scale, out=out)
         return out

@@ -274,10 +274,14 @@ def predict_scores(
 def predict_scores_with_truncation(
     model: Any, tokenizer: Any, metadata: ModelMetadata, records: Sequence[dict[str, Any]], batch_size: int
 ) -> tuple[np.ndarray, TruncationStats]:
-    """``predict_scores`` and how much of the inputs was cut to fit ``metadata.max_length``."""
+    """``predict_scores`` and how much of the inputs was cut to fit ``metadata.max_length``. With an n-gram head
+    attached to ``metadata`` the scores are the blend (``fluent_reward.ngram``), as every scorer gives them."""
     encoded, truncation = encode_records(tokenizer, records, metadata.max_length, metadata.keep_first_turns)
     logits = predict_logits(model, encoded, batch_size, pad_id(tokenizer))
-    return scores_from_logits(logits, metadata), truncation
+    scores = scores_from_logits(logits, metadata)
+    if metadata.ngram_head is not None:
+        scores = metadata.ngram_head.blend(scores, [r["tutor_response"] for r in records])
+    return scores, truncation
 
 
 def scores_from_logits(logits: np.ndarray, metadata: ModelMetadata) -> np.ndarray:

@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import file_sha256, write_json
@@ -46,6 +46,9 @@ from fluent_reward.model import (
     quiet_transformers,
     split_turns,
 )
+from fluent_reward.ngram import HEAD_FILE as NGRAM_HEAD_FILE
+from fluent_reward.ngram import VOCABULARY_FILE as NGRAM_VOCABULARY_FILE
+from fluent_reward.ngram import NgramHead, NgramHeadError, load_ngram_head
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,9 @@ class ModelMetadata(BaseModel):
     tokenizer_check: dict[str, list[int]] = Field(default_factory=dict)  # encoding of the fixed CHECK_* input
     input_format_version: int = INPUT_FORMAT_VERSION
     model_format_version: int = MODEL_FORMAT_VERSION
+    ngram_weight: float = Field(default=0.0, ge=0, le=1)  # the n-gram head's share of every score (fluent_reward.ngram)
+    ngram_files: dict[str, str] = Field(default_factory=dict)  # the n-gram head's files -> sha256, filled at save
+    _ngram_head: NgramHead | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelMetadata:
@@ -131,6 +137,17 @@ class ModelMetadata(BaseModel):
     @property
     def labels(self) -> list[str]:
         return [OVERALL, *self.dimensions]
+
+    @property
+    def ngram_head(self) -> NgramHead | None:
+        """The n-gram head scoring blends in (attached by ``load_model_folder`` or by training); None: none."""
+        return self._ngram_head
+
+    def with_ngram_head(self, head: NgramHead | None) -> ModelMetadata:
+        """A copy carrying ``head`` (None: the transformer alone), its weight recorded in ``ngram_weight``."""
+        attached = self.model_copy(update={"ngram_weight": head.weight if head is not None else 0.0})
+        attached._ngram_head = head
+        return attached
 
     @property
     def head_on_judge_scale(self) -> bool:
@@ -195,6 +212,7 @@ def save_model_folder(model: Any, tokenizer: Any, meta: ModelMetadata, folder: P
     with quiet_transformers():
         folded.save_pretrained(tmp, safe_serialization=True)
         written = tokenizer.save_pretrained(tmp)
+    ngram_files = save_ngram_head(meta, tmp)
     n = len(meta.labels)
     saved = meta.model_copy(
         update={
@@ -206,6 +224,7 @@ def save_model_folder(model: Any, tokenizer: Any, meta: ModelMetadata, folder: P
             "tokenizer_files": {Path(p).name: file_sha256(p) for p in written if Path(p).is_file()},
             "tokenizer_check": check_encoding(tokenizer),
             "model_format_version": MODEL_FORMAT_VERSION,
+            "ngram_files": ngram_files,
         }
     )
     (tmp / CARD_FILE).write_text(model_card(saved), encoding="utf-8")
@@ -215,6 +234,25 @@ def save_model_folder(model: Any, tokenizer: Any, meta: ModelMetadata, folder: P
     # A kill here leaves no `folder`, but a complete `tmp`: recover_model_folder renames it into place.
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_ngram_head(meta: ModelMetadata, folder: Path) -> dict[str, str]:
+    """Write the attached n-gram head's files into ``folder``; their sha256 by name ({} without a head)."""
+    head = meta.ngram_head
+    if head is None:
+        if meta.ngram_weight > 0:
+            raise ModelFolderError(f"{folder}: ngram_weight is {meta.ngram_weight} but no n-gram head is attached")
+        return {}
+    return head.save(folder)
+
+
+def attach_ngram_head(folder: Path, meta: ModelMetadata) -> ModelMetadata:
+    """``meta`` with the folder's n-gram head attached, verified against the metadata (ModelFolderError if not)."""
+    try:
+        head = load_ngram_head(folder, meta.ngram_weight, meta.ngram_files, len(meta.labels))
+    except NgramHeadError as exc:
+        raise ModelFolderError(str(exc)) from None
+    return meta.with_ngram_head(head)
 
 
 def fold_standardisation(model: Any, mean: list[float], std: list[float], labels: list[str]) -> Any:
@@ -295,6 +333,7 @@ def load_model_folder(folder: str | Path) -> tuple[Any, Any, ModelMetadata]:
     if not meta.tokenizer_files or not meta.tokenizer_check:
         raise ModelFolderError(f"{folder / METADATA_FILE}: no tokenizer fingerprint; save it with save_model_folder")
     check_tokenizer_files(folder, meta)
+    meta = attach_ngram_head(folder, meta)
     with quiet_transformers():
         model = load_weights(folder, len(meta.labels))
         tokenizer = load_tokenizer(folder, meta)
@@ -460,6 +499,7 @@ def model_card(meta: ModelMetadata, metrics: dict[str, Any] | None = None, overa
         '`pipeline("text-classification", function_to_apply="none")` returns them as they are). They are not '
         f"clipped: a prediction can fall slightly outside {low}-{high}; `fluent_reward.RewardModelScorer` clips to "
         "the scale by default (`clip=False` for the raw value).",
+        *_ngram_card_lines(meta, overall_only),
         "",
         "## Input template (exact)",
         "",
@@ -492,6 +532,18 @@ def model_card(meta: ModelMetadata, metrics: dict[str, Any] | None = None, overa
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in shown.items() if not isinstance(v, dict | list)]
     return "\n".join(lines) + "\n"
+
+
+def _ngram_card_lines(meta: ModelMetadata, overall_only: bool) -> list[str]:
+    if meta.ngram_weight == 0 or overall_only:
+        return []
+    return [
+        "",
+        f"The reward model's scores are `{1 - meta.ngram_weight:g} x logits + {meta.ngram_weight:g} x n-gram head`, "
+        f"per label: the n-gram head (`{NGRAM_HEAD_FILE}`, `{NGRAM_VOCABULARY_FILE}`) is a ridge regression on the "
+        "reply's character 2-5-grams (TF-IDF) fit on the same training replies. `fluent_reward.RewardModelScorer` "
+        "applies the blend; a plain transformers load of this folder gives the logits alone.",
+    ]
 
 
 def backbone_licence(backbone: str) -> str:

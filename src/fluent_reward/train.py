@@ -49,6 +49,7 @@ from fluent_reward.model import (
     target_matrix,
 )
 from fluent_reward.model_folder import ModelMetadata, save_model_folder
+from fluent_reward.ngram import NgramHead, fit_ngram_head
 from fluent_reward.progress import format_duration
 from fluent_reward.progress import progress as report_progress
 from fluent_reward.splits import (
@@ -715,9 +716,20 @@ def fit(
                 history, best = run_epochs(loop)
         finally:
             inputs.close()
+        head = fit_ngram_head_on(data, cfg.ngram_weight, rubric)
         metrics = fit_metrics(loop, best, history, time.perf_counter() - started)
+    metrics["ngram_features"] = len(head.vocabulary) if head is not None else 0
     model = accelerator.unwrap_model(loop.module).model
-    return FittedModel(model, tokenizer, fit_metadata(cfg, rubric, data, best), metrics, history, loop.seen)
+    meta = fit_metadata(cfg, rubric, data, best).with_ngram_head(head)
+    return FittedModel(model, tokenizer, meta, metrics, history, loop.seen)
+
+
+def fit_ngram_head_on(data: TrainData, weight: float, rubric: Rubric) -> NgramHead | None:
+    """The n-gram head fit on the training replies and their judge-scale targets (None when ``weight`` is 0)."""
+    if weight == 0:
+        return None
+    replies = [r["tutor_response"] for r in data.records["train"]]
+    return fit_ngram_head(replies, target_matrix(data.records["train"], rubric.names), weight)
 
 
 def fit_metadata(cfg: TrainConfig, rubric: Rubric, data: TrainData, best: dict[str, Any]) -> ModelMetadata:

@@ -1,0 +1,133 @@
+"""Turn the BEA 2025 shared task's tutor-reply data into a project you can run the pipeline on (no API key).
+
+The BEA 2025 data (``dev_partA.json``: math-tutoring dialogues, about 8 candidate tutor replies each, human labels
+"Yes" / "To some extent" / "No" on four dimensions) becomes, under OUT:
+
+- ``conversations.json``: one record per reply; ``context`` = the dialogue minus its last turn, which is the
+  ``student_message``; the tutor's name (GPT4, Expert, ...) is never part of a record;
+- ``reference/bea2025_labels.json``: the human labels as reference judgments (Yes 10, To some extent 5.5, No 1), so
+  the judge stage uses them and never calls the API;
+- ``rubric.yaml``: the four dimensions, equal weights, no anchors (the judge is never asked);
+- ``params.yaml``: this project's params.yaml with every data path moved under OUT and the rubric and reference
+  folder above; every other setting (the training recipe included) is the project's default.
+
+Then the pipeline runs on it stage by stage (docs/TRAINING.md, "Real data: BEA 2025"):
+
+    .venv/bin/python scripts/bea2025.py ../shared/datasets/bea2025_dev/dev_partA.json outputs/bea
+    for stage in validate judge train evaluate; do .venv/bin/fluent-reward --params outputs/bea/params.yaml $stage; done
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fluent_reward.config import read_yaml
+from fluent_reward.io import atomic_open, write_json
+from fluent_reward.model import split_turns
+
+DIMENSIONS = {
+    "Mistake_Identification": "Has the tutor identified a mistake in the student's latest response?",
+    "Mistake_Location": "Does the tutor's response accurately point to the genuine mistake and its location?",
+    "Providing_Guidance": "Does the tutor offer correct and relevant guidance, such as an explanation, an "
+    "elaboration, a hint or examples?",
+    "Actionability": "Is it clear from the tutor's feedback what the student should do next?",
+}
+LABEL_SCORES = {"Yes": 10.0, "To some extent": 5.5, "No": 1.0}
+STUDENT = "Student:"
+
+
+def records_and_labels(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Project records and their reference judgments, one per (dialogue, reply), in file order."""
+    records, labels = [], []
+    for item in items:
+        turns = split_turns(item["conversation_history"])
+        # The last turn is the student's latest message; in a few dialogues it is mislabelled "Tutor:", and it is
+        # still the turn being answered, so it is kept whole (with its label) rather than lost.
+        last = turns.pop() if turns else ""
+        student = last[len(STUDENT) :].strip() if last.startswith(STUDENT) else last
+        # Replies are numbered in the tutors' sorted order; the number, not the tutor's name, goes into the id.
+        for number, (_tutor, reply) in enumerate(sorted(item["tutor_responses"].items()), start=1):
+            record_id = f"{item['conversation_id']}-{number}"
+            records.append(
+                {
+                    "id": record_id,
+                    "conversation_id": item["conversation_id"],
+                    "language": "English",
+                    "context": "\n".join(turns),
+                    "student_message": student,
+                    "tutor_response": reply["response"],
+                }
+            )
+            scores = {name: LABEL_SCORES[reply["annotation"][name]] for name in DIMENSIONS}
+            labels.append({"id": record_id, "scores": scores, "rationale": "human annotation (BEA 2025)"})
+    return records, labels
+
+
+def rubric() -> dict[str, Any]:
+    return {
+        "version": "bea2025",
+        "scale": {"min": 1, "max": 10},
+        "weights": {name: 0.25 for name in DIMENSIONS},
+        "dimensions": {name: {"description": text} for name, text in DIMENSIONS.items()},
+    }
+
+
+def project_params(base: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The project's params with the data paths under ``out``; shared locations (the backbones) stay."""
+    params = copy.deepcopy(base)
+    for key, value in params["data"].items():
+        if key != "backbones":  # every other file and folder name is distinct: keep it, under out
+            params["data"][key] = str(out / Path(value).name)
+    params["rubric"] = "rubric.yaml"
+    params["judge"]["reference_dir"] = str(out / "reference")
+    # A few replies recur word for word under two dialogue ids: grouping by content keeps them in one split, and
+    # the validator drops the exact duplicates instead of stopping.
+    params["validate"]["group_by"] = "content"
+    params["validate"]["on_error"] = "drop"
+    return params
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.width = 120
+    with atomic_open(path) as handle:
+        yaml.dump(data, handle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="the BEA 2025 JSON file (e.g. dev_partA.json)")
+    parser.add_argument("out", type=Path, help="folder for the project files (e.g. outputs/bea)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the settings to start from")
+    args = parser.parse_args(argv)
+    if not args.source.is_file():
+        print(f"error: {args.source}: not found", file=sys.stderr)
+        return 2
+    records, labels = records_and_labels(json.loads(args.source.read_text(encoding="utf-8")))
+    write_json(args.out / "conversations.json", records)
+    write_json(
+        args.out / "reference" / "bea2025_labels.json",
+        {
+            "source": "reference",
+            "rubric_version": "bea2025",
+            "scale": {"min": 1, "max": 10},
+            "provenance": {"who": "BEA 2025 shared task annotators", "how": "Yes 10, To some extent 5.5, No 1"},
+            "judgments": labels,
+        },
+    )
+    write_yaml(args.out / "rubric.yaml", rubric())
+    write_yaml(args.out / "params.yaml", project_params(read_yaml(args.params), args.out))
+    print(f"{len(records)} replies in {len({r['conversation_id'] for r in records})} dialogues -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

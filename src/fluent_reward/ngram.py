@@ -1,0 +1,155 @@
+"""The n-gram head: a ridge regression on the reply's character n-grams, blended into the transformer's scores.
+
+The reward model's score is ``(1 - w) * transformer + w * ngram`` per label (overall and every dimension, on the
+judge's scale), ``w = train.ngram_weight``. The two read different things: the transformer reads the context, the
+student's message and the reply in context; the n-gram ridge reads the reply's surface (its length, its markers of
+praise, questions, corrections, its language). On the bundled sample's grouped 5-fold cross-validation
+(docs/TRAINING.md, "The n-gram head") the blend beat both its parts on every headline metric, so training fits it by
+default; ``w = 0`` gives the transformer alone.
+
+The features are exactly the evaluate stage's char TF-IDF baseline (``char_tfidf``: character 2-5-grams within word
+boundaries, sublinear tf, idf, L2 norm), fit on the same training replies; the ridge chooses its strength per label
+by leave-one-out (``RidgeCV``). In a model folder the head is two files: ``ngram_head.safetensors`` (idf, ridge
+coefficients and intercepts: numbers only, never pickled) and ``ngram_vocabulary.json`` (the n-grams in feature
+order); their sha256 are in the metadata and checked at load. Scoring rebuilds the features from the vocabulary with
+a fixed-vocabulary ``CountVectorizer`` (no fitting), so a folder scores the same on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fluent_reward.errors import FluentRewardError
+from fluent_reward.io import file_sha256, write_json
+
+log = logging.getLogger(__name__)
+
+HEAD_FILE = "ngram_head.safetensors"
+VOCABULARY_FILE = "ngram_vocabulary.json"
+ANALYZER = "char_wb"
+NGRAM_RANGE = (2, 5)
+MIN_DF = 2  # an n-gram seen in one training reply only is noise
+RIDGE_ALPHAS = np.logspace(-2, 3, 11)
+
+
+class NgramHeadError(FluentRewardError, ValueError):
+    """An n-gram head's files are missing, damaged or do not match the model folder's metadata."""
+
+
+def char_tfidf() -> Any:
+    """The character n-gram TF-IDF features, unfitted: the n-gram head's and the char TF-IDF baseline's."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(analyzer=ANALYZER, ngram_range=NGRAM_RANGE, sublinear_tf=True, min_df=MIN_DF)
+
+
+def ridge_per_label() -> Any:
+    """A ridge regression per label, its strength chosen by leave-one-out on the fit data."""
+    from sklearn.linear_model import RidgeCV
+
+    return RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True)
+
+
+@dataclass(frozen=True)
+class NgramHead:
+    """A fitted n-gram ridge: judge-scale predictions per label from a reply's text, and its share of the blend."""
+
+    vocabulary: list[str]  # n-grams in feature order
+    idf: np.ndarray  # (n_features,)
+    coef: np.ndarray  # (n_labels, n_features)
+    intercept: np.ndarray  # (n_labels,)
+    weight: float  # share of the blended score: (1 - weight) * transformer + weight * this head
+
+    def features(self, replies: Sequence[str]) -> Any:
+        """TF-IDF rows (sparse, L2-normalised) of ``replies`` over the fitted vocabulary, as ``char_tfidf`` makes."""
+        from sklearn.feature_extraction.text import CountVectorizer
+        from sklearn.preprocessing import normalize
+
+        counts = CountVectorizer(
+            analyzer=ANALYZER, ngram_range=NGRAM_RANGE, vocabulary={g: i for i, g in enumerate(self.vocabulary)}
+        ).transform(list(replies))
+        counts = counts.astype(np.float64)
+        np.log(counts.data, out=counts.data)
+        counts.data += 1.0  # sublinear tf: 1 + log(count)
+        return normalize(counts.multiply(self.idf[None, :]).tocsr())
+
+    def predict(self, replies: Sequence[str]) -> np.ndarray:
+        """Judge-scale predictions, shape (n, n_labels), overall first."""
+        return np.asarray(self.features(replies) @ self.coef.T) + self.intercept[None, :]
+
+    def blend(self, scores: np.ndarray, replies: Sequence[str]) -> np.ndarray:
+        """The reward model's scores: the transformer's ``scores`` (n, n_labels) blended with this head's."""
+        if scores.shape != (len(replies), self.coef.shape[0]):
+            raise ValueError(f"scores have shape {scores.shape}, expected ({len(replies)}, {self.coef.shape[0]})")
+        return ((1.0 - self.weight) * scores + self.weight * self.predict(replies)).astype(scores.dtype)
+
+    def save(self, folder: Path) -> dict[str, str]:
+        """Write the two files into ``folder``; returns their sha256 by name (for the metadata)."""
+        from safetensors.numpy import save_file
+
+        folder = Path(folder)
+        save_file(
+            {"idf": self.idf.astype(np.float64), "coef": self.coef.astype(np.float64), "intercept": self.intercept},
+            str(folder / HEAD_FILE),
+        )
+        write_json(
+            folder / VOCABULARY_FILE,
+            {"analyzer": ANALYZER, "ngram_range": list(NGRAM_RANGE), "vocabulary": self.vocabulary},
+        )
+        return {name: file_sha256(folder / name) for name in (HEAD_FILE, VOCABULARY_FILE)}
+
+
+def fit_ngram_head(replies: Sequence[str], targets: np.ndarray, weight: float) -> NgramHead:
+    """Fit the head on training ``replies`` and their judge-scale ``targets`` (n, n_labels)."""
+    vectorizer = char_tfidf()
+    features = vectorizer.fit_transform(list(replies))
+    ridge = ridge_per_label().fit(features, targets)
+    order = sorted(vectorizer.vocabulary_.items(), key=lambda item: item[1])
+    head = NgramHead(
+        vocabulary=[gram for gram, _ in order],
+        idf=np.asarray(vectorizer.idf_, dtype=np.float64),
+        coef=np.atleast_2d(np.asarray(ridge.coef_, dtype=np.float64)),
+        intercept=np.atleast_1d(np.asarray(ridge.intercept_, dtype=np.float64)),
+        weight=float(weight),
+    )
+    log.info("n-gram head: %d n-grams from %d replies, weight %.2f", len(head.vocabulary), len(replies), weight)
+    return head
+
+
+def load_ngram_head(folder: str | Path, weight: float, files: dict[str, str], n_labels: int) -> NgramHead | None:
+    """The folder's n-gram head, verified against the metadata (``files``: sha256 by name); None when weight is 0."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if weight == 0:
+        return None
+    folder = Path(folder)
+    for name in (HEAD_FILE, VOCABULARY_FILE):
+        path = folder / name
+        if not path.is_file():
+            raise NgramHeadError(f"{path}: missing (the metadata's ngram_weight is {weight}); retrain or re-export")
+        if files.get(name) != file_sha256(path):
+            raise NgramHeadError(f"{path}: not the file saved with this model (sha256 differs from the metadata)")
+    try:
+        arrays = load_file(str(folder / HEAD_FILE))
+        vocabulary = json.loads((folder / VOCABULARY_FILE).read_text(encoding="utf-8"))["vocabulary"]
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise NgramHeadError(f"{folder}: unreadable n-gram head ({exc})") from None
+    head = NgramHead(vocabulary, arrays["idf"], arrays["coef"], arrays["intercept"], float(weight))
+    n_features = len(vocabulary)
+    if (
+        head.idf.shape != (n_features,)
+        or head.coef.shape != (n_labels, n_features)
+        or head.intercept.shape != (n_labels,)
+    ):
+        raise NgramHeadError(f"{folder / HEAD_FILE}: shapes do not match {n_features} n-grams and {n_labels} labels")
+    if not all(np.isfinite(a).all() for a in (head.idf, head.coef, head.intercept)):
+        raise NgramHeadError(f"{folder / HEAD_FILE}: holds NaN or infinite values")
+    return head

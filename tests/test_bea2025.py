@@ -1,0 +1,90 @@
+"""scripts/bea2025.py: BEA 2025 tutor-reply data becomes a project the pipeline runs on without an API key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fluent_reward.cli import main as cli
+from fluent_reward.config import load_params
+from fluent_reward.io import read_json
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "bea2025.py"
+DIMS = ["Mistake_Identification", "Mistake_Location", "Providing_Guidance", "Actionability"]
+
+
+def _reply(text: str, *labels: str) -> dict:
+    return {"response": text, "annotation": dict(zip(DIMS, labels, strict=True))}
+
+
+def _bea_file(path: Path) -> Path:
+    items = [
+        {
+            "conversation_id": "d1",
+            "conversation_history": "Tutor: What is 3 x 4?\nStudent: 3 x 4 = 7 because I added.\n"
+            "Tutor: Check again.\nStudent: Still 7?",
+            "tutor_responses": {
+                "GPT4": _reply("You added instead of multiplying: 3 x 4 means three fours.", "Yes", "Yes", "Yes", "Yes"),
+                "Novice": _reply("Good job!", "No", "No", "No", "No"),
+            },
+        },
+        {
+            # the last turn is labelled "Tutor:" (as in a few real dialogues): it is still the turn answered
+            "conversation_id": "d2",
+            "conversation_history": "Tutor: Solve x + 2 = 5.\nStudent: x = 7\nTutor: I subtracted 2 and got 7.",
+            "tutor_responses": {
+                "Expert": _reply("What do you get when you take 2 away from 5?", "Yes", "To some extent", "Yes", "Yes"),
+                "Phi3": _reply("x is 3.", "To some extent", "No", "No", "No"),
+            },
+        },
+    ]
+    path.write_text(json.dumps(items), encoding="utf-8")
+    return path
+
+
+def test_conversion_then_validate_and_judge_run_without_an_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    source, out = _bea_file(tmp_path / "dev.json"), tmp_path / "bea"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(source), str(out)], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "4 replies in 2 dialogues" in done.stdout
+    records = read_json(out / "conversations.json")
+    assert [r["id"] for r in records] == ["d1-1", "d1-2", "d2-1", "d2-2"]
+    first = records[0]
+    assert first["context"] == "Tutor: What is 3 x 4?\nStudent: 3 x 4 = 7 because I added.\nTutor: Check again."
+    assert first["student_message"] == "Still 7?"
+    assert records[2]["student_message"] == "Tutor: I subtracted 2 and got 7."
+    assert not any(name in json.dumps(records) for name in ("GPT4", "Novice", "Expert", "Phi3"))
+    labels = {j["id"]: j["scores"] for j in read_json(out / "reference" / "bea2025_labels.json")["judgments"]}
+    assert labels["d2-1"] == {
+        "Mistake_Identification": 10.0,
+        "Mistake_Location": 5.5,
+        "Providing_Guidance": 10.0,
+        "Actionability": 10.0,
+    }
+    params = load_params(out / "params.yaml")
+    assert params.rubric.names == DIMS and params.rubric.missing_anchors() == DIMS
+    assert params.data.model_dir == out / "reward_model_final" and params.data.backbones == Path("models/backbones")
+    assert params.train == load_params(REPO / "params.yaml").train  # the default recipe, unchanged
+    monkeypatch.chdir(REPO)  # the generated params name paths relative to the project root
+    assert cli(["--params", str(out / "params.yaml"), "validate"]) == 0
+    assert cli(["--params", str(out / "params.yaml"), "judge"]) == 0
+    judged = read_json(out / "claude_judgments.json")
+    assert len(judged["judgments"]) == 4 and read_json(out / "judge.json")["api_calls"] == 0
+
+
+def test_a_missing_source_is_a_one_line_error(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "absent.json"), str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stderr.strip() == f"error: {tmp_path / 'absent.json'}: not found"
+    assert not (tmp_path / "out").exists()

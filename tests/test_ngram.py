@@ -1,0 +1,118 @@
+"""The n-gram head (fluent_reward.ngram): its features and ridge are exactly the char TF-IDF baseline's, it travels
+in the model folder (and the ONNX export) verified, and every scorer blends it in with its weight."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fluent_reward.evaluate import char_tfidf_ridge_baseline
+from fluent_reward.inference import RewardModelScorer
+from fluent_reward.io import file_sha256, read_json
+from fluent_reward.model import predict_scores
+from fluent_reward.model_folder import METADATA_FILE, ModelFolderError, load_model_folder
+from fluent_reward.ngram import HEAD_FILE, VOCABULARY_FILE, fit_ngram_head
+from tests.support import make_records, make_tiny_model_folder
+
+DIMS = ("accuracy", "feedback")
+WEIGHT = 0.4
+
+
+def _replies(seed: int = 1) -> list[dict]:
+    rows = make_records(n_groups=6, per_group=4, seed=seed)
+    for i, row in enumerate(rows):
+        row["tutor_response"] += " ¡Muy bien!" * (i % 3) + " Voilà, très bien." * (i % 2)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_tiny_model_folder(tmp_path_factory.mktemp("ngram") / "model", DIMS, seed=3, ngram_weight=WEIGHT)
+
+
+def test_head_predicts_exactly_what_the_char_tfidf_baseline_predicts():
+    rows = make_records(n_groups=10, per_group=4, seed=0)
+    texts = [r["tutor_response"] for r in rows]
+    targets = np.random.default_rng(0).uniform(1, 10, size=(len(texts), 3))
+    head = fit_ngram_head(texts[:30], targets[:30], 0.5)
+    unseen = [*texts[30:], "unseen ñ text 😊", ""]
+    np.testing.assert_allclose(
+        head.predict(unseen), char_tfidf_ridge_baseline(texts[:30], targets[:30], unseen), atol=1e-9
+    )
+
+
+def test_blend_is_the_weighted_mean_of_transformer_and_head():
+    texts = ["good", "bad reply", "very good reply"]
+    head = fit_ngram_head(texts * 2, np.arange(12, dtype=float).reshape(6, 2), 0.25)
+    transformer = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    np.testing.assert_allclose(head.blend(transformer, texts), 0.75 * transformer + 0.25 * head.predict(texts))
+    with pytest.raises(ValueError, match="shape"):
+        head.blend(transformer[:2], texts)
+
+
+def test_folder_holds_the_head_and_every_scorer_blends_it(folder):
+    meta = read_json(folder / METADATA_FILE)
+    assert meta["ngram_weight"] == WEIGHT and sorted(meta["ngram_files"]) == sorted([HEAD_FILE, VOCABULARY_FILE])
+    assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.joblib"))
+    assert "n-gram head" in (folder / "README.md").read_text(encoding="utf-8")
+    model, tokenizer, metadata = load_model_folder(folder)
+    rows = _replies()
+    replies = [r["tutor_response"] for r in rows]
+    transformer = predict_scores(model, tokenizer, metadata.with_ngram_head(None), rows, batch_size=8)
+    expected = (1 - WEIGHT) * transformer + WEIGHT * metadata.ngram_head.predict(replies)
+    # evaluate / cv path and the scorer path give the same blend
+    np.testing.assert_allclose(predict_scores(model, tokenizer, metadata, rows, batch_size=8), expected, atol=1e-9)
+    scorer = RewardModelScorer(folder, device="cpu", clip=False)
+    got = scorer.predict([r["context"] for r in rows], replies, [r["student_message"] for r in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert not np.allclose(got, transformer, atol=1e-3)  # the head really moves the scores
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / VOCABULARY_FILE).unlink(), "ngram_vocabulary.json: missing"),
+        (lambda f: (f / HEAD_FILE).write_bytes(b"x" + (f / HEAD_FILE).read_bytes()[1:]), "sha256 differs"),
+    ],
+)
+def test_a_damaged_or_missing_head_refuses_the_folder(folder, tmp_path, damage, message):
+    copy = Path(shutil.copytree(folder, tmp_path / "model"))
+    damage(copy)
+    with pytest.raises(ModelFolderError, match=message):
+        RewardModelScorer(copy, device="cpu")
+
+
+def test_a_head_whose_shapes_disagree_with_the_metadata_is_refused(folder, tmp_path):
+    copy = Path(shutil.copytree(folder, tmp_path / "model"))
+    doc = json.loads((copy / VOCABULARY_FILE).read_text(encoding="utf-8"))
+    doc["vocabulary"] = doc["vocabulary"][:-1]
+    (copy / VOCABULARY_FILE).write_text(json.dumps(doc), encoding="utf-8")
+    meta = read_json(copy / METADATA_FILE)
+    meta["ngram_files"][VOCABULARY_FILE] = file_sha256(copy / VOCABULARY_FILE)
+    (copy / METADATA_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(ModelFolderError, match="shapes do not match"):
+        load_model_folder(copy)
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(n) is None for n in ("onnx", "onnxruntime")), reason="the [onnx] extra is absent"
+)
+def test_onnx_export_carries_the_head_and_the_overall_folder_says_it_does_not(folder, tmp_path, caplog):
+    from fluent_reward.export import run_export
+
+    with caplog.at_level("WARNING"):
+        written = run_export(folder, tmp_path / "out")
+    assert "n-gram head (ngram_weight 0.4)" in caplog.text
+    overall = read_json(written["overall"] / "export.json")
+    assert overall["ngram_head_applied"] is False and overall["trl_path_exact"] is False
+    assert "The n-gram head is not in this folder" in (written["overall"] / "README.md").read_text(encoding="utf-8")
+    rows = _replies(seed=2)
+    columns = ([r["context"] for r in rows], [r["tutor_response"] for r in rows], [r["student_message"] for r in rows])
+    torch_scores = RewardModelScorer(folder, device="cpu").predict(*columns)
+    onnx_scores = RewardModelScorer(written["onnx"], backend="onnx").predict(*columns)
+    assert np.abs(torch_scores - onnx_scores).max() < 1e-3
