@@ -118,8 +118,12 @@ def flops_per_token(config: Any, mean_length: float, frozen: int, cached: bool) 
 # The loops
 
 
-def current_steps(params: Any, records: list[dict], splits: dict, steps: int) -> dict[str, Any]:
-    """``steps`` optimizer steps of the current loop, after one warm-up step; the one-off cache cost apart."""
+def current_steps(params: Any, records: list[dict], splits: dict, steps: int, profile: bool = False) -> dict[str, Any]:
+    """``steps`` optimizer steps of the current loop, after one warm-up step; the one-off cache cost apart. With
+    ``profile``, the timed steps run under ``torch.profiler`` and ``profile`` holds its table of operators."""
+    import contextlib
+
+    import torch
     from accelerate.utils import set_seed
 
     from fluent_reward import train as T
@@ -143,17 +147,25 @@ def current_steps(params: Any, records: list[dict], splits: dict, steps: int) ->
             plan = loop.plans[0]
             T.train_epoch(loop, 1, plan[:1])
             loop.examples = loop.tokens_useful = loop.tokens_computed = 0
+            profiler = (
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                if profile
+                else contextlib.nullcontext()
+            )
             cpu = time.process_time()
-            T.train_epoch(loop, 1, plan[1 : steps + 1])
+            with profiler:
+                T.train_epoch(loop, 1, plan[1 : steps + 1])
             cpu = time.process_time() - cpu
         finally:
             inputs.close()
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15) if profile else ""
     n_train = len(data.records["train"]) + len(data.records["validation"])
     return _figures(loop.examples, loop.tokens_useful, loop.tokens_computed, cpu, once, n_train) | {
         "precision": accelerator.mixed_precision,
         "cached": isinstance(inputs, T.CachedInputs),
         "plan": plan[: steps + 1],
         "config": model.config,
+        "profile": table,
     }
 
 
@@ -222,11 +234,15 @@ def bench_one(backbone: str, max_length: int, args: argparse.Namespace, peaks: d
     params = bench_params(backbone, max_length, "no", True, args.threads, args.freeze_layers)
     splits = make_splits(group_languages(records), params.train.split, params.train.seed)
     fp32 = current_steps(params, records, splits, args.steps)
-    plan, config = fp32.pop("plan"), fp32.pop("config")
+    plan, config, _ = fp32.pop("plan"), fp32.pop("config"), fp32.pop("profile")
     rows = {"cached fp32": fp32}
     auto = bench_params(backbone, max_length, "auto", True, args.threads, args.freeze_layers)
     rows["cached auto"] = current_steps(auto, records, splits, args.steps)
-    rows["cached auto"].pop("plan"), rows["cached auto"].pop("config")
+    rows["cached auto"].pop("plan"), rows["cached auto"].pop("config"), rows["cached auto"].pop("profile")
+    if args.profile:  # a separate run: the profiler's own overhead stays out of the timed figures
+        profiled = current_steps(auto, records, splits, args.steps, profile=True)
+        print(f"\nwhere a step of the current loop ({profiled['precision']}) spends its CPU time:")
+        print(profiled["profile"])
     rows["naive"] = naive_steps(params, records, splits, plan) | {"precision": "no", "cached": False}
     frozen = params.train.freeze_layers if params.train.freeze_embeddings else 0
     n_train = sum(r["group_id"] in set(splits["train"]) for r in records)
@@ -291,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "--freeze-layers", type=int, help="train.freeze_layers for every backbone (default: params.yaml's)"
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--profile", action="store_true", help="also profile the current loop's steps (torch.profiler)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import torch

@@ -13,7 +13,7 @@ The BEA 2025 data (``dev_partA.json``: math-tutoring dialogues, about 8 candidat
 
 Then the pipeline runs on it stage by stage (docs/TRAINING.md, "Real data: BEA 2025"):
 
-    .venv/bin/python scripts/bea2025.py ../shared/datasets/bea2025_dev/dev_partA.json outputs/bea
+    .venv/bin/python scripts/bea2025.py path/to/bea2025_dev/dev_partA.json outputs/bea
     for stage in validate judge train evaluate; do .venv/bin/fluent-reward --params outputs/bea/params.yaml $stage; done
 """
 
@@ -95,19 +95,62 @@ def project_params(base: dict[str, Any], out: Path) -> dict[str, Any]:
 def write_yaml(path: Path, data: dict[str, Any]) -> None:
     from ruamel.yaml import YAML
 
-    yaml = YAML(typ="safe", pure=True)
+    yaml = YAML()  # round-trip: keeps the order of the keys (the rubric dimensions are the model's output order)
     yaml.default_flow_style = False
     yaml.width = 120
     with atomic_open(path) as handle:
         yaml.dump(data, handle)
 
 
+def three_class_f1(predictions: Path, split: str = "test") -> dict[str, dict[str, float]]:
+    """The shared task's metric from evaluate's predictions CSV: per dimension, the macro-F1 over Yes / To some
+    extent / No of the ``split`` rows, the predicted score cut at fixed thresholds (3.25, 7.75: halfway between the
+    label scores) and at thresholds that give the predicted classes the training rows' class shares ("prior")."""
+    import csv
+
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    rows = list(csv.DictReader(predictions.open(encoding="utf-8")))
+    cuts = [3.25, 7.75]
+    out = {}
+    for name in DIMENSIONS:
+
+        def column(kind: str, wanted: str, name: str = name) -> np.ndarray:
+            return np.array([float(r[f"{kind}_{name}"]) for r in rows if r["split"] == wanted])
+
+        truth, pred = np.digitize(column("judge", split), cuts), column("pred", split)
+        train_classes = np.digitize(column("judge", "train"), cuts)
+        shares = np.cumsum(np.bincount(train_classes, minlength=3))[:2] / len(train_classes)
+        prior_cuts = np.quantile(pred, shares)
+        score = {
+            "fixed": f1_score(truth, np.digitize(pred, cuts), average="macro", labels=[0, 1, 2], zero_division=0),
+            "prior": f1_score(truth, np.digitize(pred, prior_cuts), average="macro", labels=[0, 1, 2], zero_division=0),
+        }
+        out[name] = {k: round(float(v), 4) for k, v in score.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=Path, help="the BEA 2025 JSON file (e.g. dev_partA.json)")
-    parser.add_argument("out", type=Path, help="folder for the project files (e.g. outputs/bea)")
+    parser.add_argument(
+        "source",
+        type=Path,
+        help="the BEA 2025 JSON file (e.g. dev_partA.json), or with --f1 the "
+        "predictions CSV evaluate wrote (data.predictions)",
+    )
+    parser.add_argument("out", type=Path, nargs="?", help="folder for the project files (e.g. outputs/bea)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the settings to start from")
+    parser.add_argument("--f1", action="store_true", help="print the test split's 3-class macro-F1 per dimension")
     args = parser.parse_args(argv)
+    if args.f1:
+        if not args.source.is_file():
+            print(f"error: {args.source}: not found", file=sys.stderr)
+            return 2
+        print(json.dumps(three_class_f1(args.source), indent=1))
+        return 0
+    if args.out is None:
+        parser.error("the output folder is needed (bea2025.py SOURCE OUT)")
     if not args.source.is_file():
         print(f"error: {args.source}: not found", file=sys.stderr)
         return 2

@@ -27,7 +27,9 @@ def _bea_file(path: Path) -> Path:
             "conversation_history": "Tutor: What is 3 x 4?\nStudent: 3 x 4 = 7 because I added.\n"
             "Tutor: Check again.\nStudent: Still 7?",
             "tutor_responses": {
-                "GPT4": _reply("You added instead of multiplying: 3 x 4 means three fours.", "Yes", "Yes", "Yes", "Yes"),
+                "GPT4": _reply(
+                    "You added instead of multiplying: 3 x 4 means three fours.", "Yes", "Yes", "Yes", "Yes"
+                ),
                 "Novice": _reply("Good job!", "No", "No", "No", "No"),
             },
         },
@@ -88,3 +90,22 @@ def test_a_missing_source_is_a_one_line_error(tmp_path):
     )
     assert done.returncode == 2 and done.stderr.strip() == f"error: {tmp_path / 'absent.json'}: not found"
     assert not (tmp_path / "out").exists()
+
+
+def test_three_class_f1_hand_values(tmp_path):
+    header = "id,group_id,language,split," + ",".join(f"judge_{d},pred_{d}" for d in DIMS)
+    # train rows: class shares 1/2 Yes, 1/4 To some extent, 1/4 No; test rows: predictions on a shrunken scale
+    rows = [("train", 10, 9), ("train", 10, 9), ("train", 5.5, 5), ("train", 1, 2)]
+    rows += [("test", 10, 7.0), ("test", 10, 6.9), ("test", 5.5, 6.0), ("test", 1, 5.0)]
+    lines = [header] + [f"r{i},g,English,{s}," + ",".join(f"{j},{p}" for _ in DIMS) for i, (s, j, p) in enumerate(rows)]
+    path = tmp_path / "predictions.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(path), "--f1"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    f1 = json.loads(done.stdout)
+    # fixed cuts (3.25, 7.75): every test prediction is "To some extent" -> F1 of that class 2/5, others 0
+    assert f1["Mistake_Identification"]["fixed"] == round((0 + 0.4 + 0) / 3, 4)
+    # prior cuts at the 25% and 50% quantiles of the test predictions: No, To some extent, Yes, Yes -> all right
+    assert f1["Actionability"]["prior"] == 1.0

@@ -1,8 +1,9 @@
-"""The n-gram head (fluent_reward.ngram): its features and ridge are exactly the char TF-IDF baseline's, it travels
+"""The n-gram head (fluent_reward.ngram): the char TF-IDF baseline stretched to the targets' spread, it travels
 in the model folder (and the ONNX export) verified, and every scorer blends it in with its weight."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -16,7 +17,15 @@ from fluent_reward.inference import RewardModelScorer
 from fluent_reward.io import file_sha256, read_json
 from fluent_reward.model import predict_scores
 from fluent_reward.model_folder import METADATA_FILE, ModelFolderError, load_model_folder
-from fluent_reward.ngram import HEAD_FILE, VOCABULARY_FILE, fit_ngram_head
+from fluent_reward.ngram import (
+    HEAD_FILE,
+    RIDGE_ALPHAS,
+    VOCABULARY_FILE,
+    char_tfidf,
+    fit_ngram_head,
+    load_ngram_head,
+    ridge_per_label,
+)
 from tests.support import make_records, make_tiny_model_folder
 
 DIMS = ("accuracy", "feedback")
@@ -35,15 +44,40 @@ def folder(tmp_path_factory) -> Path:
     return make_tiny_model_folder(tmp_path_factory.mktemp("ngram") / "model", DIMS, seed=3, ngram_weight=WEIGHT)
 
 
-def test_head_predicts_exactly_what_the_char_tfidf_baseline_predicts():
+def test_head_is_the_char_tfidf_baseline_stretched_to_the_targets_spread():
     rows = make_records(n_groups=10, per_group=4, seed=0)
     texts = [r["tutor_response"] for r in rows]
     targets = np.random.default_rng(0).uniform(1, 10, size=(len(texts), 3))
+    targets[:, 0] += 3 * np.array([len(t) > 40 for t in texts])  # a learnable label beside two noisy ones
     head = fit_ngram_head(texts[:30], targets[:30], 0.5)
     unseen = [*texts[30:], "unseen ñ text 😊", ""]
-    np.testing.assert_allclose(
-        head.predict(unseen), char_tfidf_ridge_baseline(texts[:30], targets[:30], unseen), atol=1e-9
-    )
+    baseline = char_tfidf_ridge_baseline(texts[:30], targets[:30], unseen)
+    got = head.predict(unseen)
+    for k in range(3):  # per label an increasing affine map of the baseline: the same ranking, another spread
+        slope, offset = np.polyfit(baseline[:, k], got[:, k], 1)
+        assert slope > 0
+        np.testing.assert_allclose(got[:, k], slope * baseline[:, k] + offset, atol=1e-8)
+    # the stretch gives the leave-one-out predictions the targets' spread: an unregularised-looking head
+    ridge = ridge_per_label(store_cv_results=True).fit(char_tfidf().fit_transform(texts[:30]), targets[:30])
+    chosen = [list(RIDGE_ALPHAS).index(a) for a in ridge.alpha_]
+    held_out = np.stack([ridge.cv_results_[:, k, a] for k, a in enumerate(chosen)], 1)
+    slopes = [np.polyfit(baseline[:, k], got[:, k], 1)[0] for k in range(3)]
+    np.testing.assert_allclose(np.array(slopes) * held_out.std(0), targets[:30].std(0), rtol=1e-6)
+
+
+def test_a_saved_head_loads_back_identical(tmp_path):
+    rows = make_records(n_groups=10, per_group=4, seed=0)
+    texts = [r["tutor_response"] for r in rows]
+    targets = np.random.default_rng(1).uniform(1, 10, size=(len(texts), 3))
+    fitted = fit_ngram_head(texts, targets, 0.3)
+    # sklearn hands out coefficients in either memory order; the file must hold the same matrix for both
+    head = dataclasses.replace(fitted, coef=np.asfortranarray(fitted.coef))
+    files = head.save(tmp_path)
+    loaded = load_ngram_head(tmp_path, 0.3, files, n_labels=3)
+    assert loaded.vocabulary == head.vocabulary and loaded.weight == 0.3
+    np.testing.assert_array_equal(loaded.coef, head.coef)
+    np.testing.assert_array_equal(loaded.idf, head.idf)
+    np.testing.assert_array_equal(loaded.predict(texts), head.predict(texts))
 
 
 def test_blend_is_the_weighted_mean_of_transformer_and_head():

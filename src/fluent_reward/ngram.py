@@ -7,12 +7,14 @@ praise, questions, corrections, its language). On the bundled sample's grouped 5
 (docs/TRAINING.md, "The n-gram head") the blend beat both its parts on every headline metric, so training fits it by
 default; ``w = 0`` gives the transformer alone.
 
-The features are exactly the evaluate stage's char TF-IDF baseline (``char_tfidf``: character 2-5-grams within word
-boundaries, sublinear tf, idf, L2 norm), fit on the same training replies; the ridge chooses its strength per label
-by leave-one-out (``RidgeCV``). In a model folder the head is two files: ``ngram_head.safetensors`` (idf, ridge
-coefficients and intercepts: numbers only, never pickled) and ``ngram_vocabulary.json`` (the n-grams in feature
-order); their sha256 are in the metadata and checked at load. Scoring rebuilds the features from the vocabulary with
-a fixed-vocabulary ``CountVectorizer`` (no fitting), so a folder scores the same on any machine.
+The features and the ridge are exactly the evaluate stage's char TF-IDF baseline (``char_tfidf``: character
+2-5-grams within word boundaries, sublinear tf, idf, L2 norm; ``RidgeCV``, strength per label by leave-one-out), fit
+on the same training replies; its predictions are then stretched to the targets' spread (``fit_ngram_head``), so
+that ``w`` weighs two scores of comparable spread. In a model folder the head is two files:
+``ngram_head.safetensors`` (idf, ridge coefficients and intercepts: numbers only, never pickled) and
+``ngram_vocabulary.json`` (the n-grams in feature order); their sha256 are in the metadata and checked at load.
+Scoring rebuilds the features from the vocabulary with a fixed-vocabulary ``CountVectorizer`` (no fitting), so a
+folder scores the same on any machine.
 """
 
 from __future__ import annotations
@@ -50,11 +52,15 @@ def char_tfidf() -> Any:
     return TfidfVectorizer(analyzer=ANALYZER, ngram_range=NGRAM_RANGE, sublinear_tf=True, min_df=MIN_DF)
 
 
-def ridge_per_label() -> Any:
-    """A ridge regression per label, its strength chosen by leave-one-out on the fit data."""
+def ridge_per_label(store_cv_results: bool = False) -> Any:
+    """A ridge regression per label, its strength chosen by leave-one-out on the fit data (``store_cv_results``:
+    keep every fit reply's leave-one-out prediction, per label and strength)."""
     from sklearn.linear_model import RidgeCV
 
-    return RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True)
+    # With a scorer, the stored values are the leave-one-out predictions (without one, their squared errors); this
+    # scorer ranks the strengths exactly as the default does.
+    scoring = "neg_mean_squared_error" if store_cv_results else None
+    return RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True, scoring=scoring, store_cv_results=store_cv_results)
 
 
 @dataclass(frozen=True)
@@ -95,10 +101,9 @@ class NgramHead:
         from safetensors.numpy import save_file
 
         folder = Path(folder)
-        save_file(
-            {"idf": self.idf.astype(np.float64), "coef": self.coef.astype(np.float64), "intercept": self.intercept},
-            str(folder / HEAD_FILE),
-        )
+        # C order: safetensors writes an array's buffer as it lies, and sklearn's coefficients can be Fortran-ordered
+        arrays = {"idf": self.idf, "coef": self.coef, "intercept": self.intercept}
+        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, str(folder / HEAD_FILE))
         write_json(
             folder / VOCABULARY_FILE,
             {"analyzer": ANALYZER, "ngram_range": list(NGRAM_RANGE), "vocabulary": self.vocabulary},
@@ -107,19 +112,42 @@ class NgramHead:
 
 
 def fit_ngram_head(replies: Sequence[str], targets: np.ndarray, weight: float) -> NgramHead:
-    """Fit the head on training ``replies`` and their judge-scale ``targets`` (n, n_labels)."""
+    """Fit the head on training ``replies`` and their judge-scale ``targets`` (n, n_labels).
+
+    The ridge's predictions are then stretched, per label, to the targets' spread: an affine map (same ranking as the
+    char TF-IDF baseline) that gives the head's leave-one-out predictions on the training replies the targets' mean
+    and standard deviation. Without it ``weight`` would mean little: at a few hundred replies the leave-one-out
+    choice of the ridge strength often lands on the strongest one, whose predictions vary by thousandths of a point,
+    and the blend would be the transformer's ranking whatever the weight.
+    """
     vectorizer = char_tfidf()
     features = vectorizer.fit_transform(list(replies))
-    ridge = ridge_per_label().fit(features, targets)
+    targets = np.asarray(targets, dtype=np.float64).reshape(len(replies), -1)
+    ridge = ridge_per_label(store_cv_results=True).fit(features, targets)
+    coef = np.atleast_2d(np.asarray(ridge.coef_, dtype=np.float64))
+    intercept = np.atleast_1d(np.asarray(ridge.intercept_, dtype=np.float64))
+    chosen = [list(RIDGE_ALPHAS).index(a) for a in np.atleast_1d(ridge.alpha_)]
+    # cv_results_: (n, n_labels, n_alphas) leave-one-out predictions; the chosen strength's, per label
+    held_out = np.stack(
+        [ridge.cv_results_.reshape(len(replies), len(chosen), -1)[:, k, a] for k, a in enumerate(chosen)], 1
+    )
+    spread = held_out.std(axis=0)
+    scale = np.where(spread > 1e-12, targets.std(axis=0) / np.where(spread > 1e-12, spread, 1.0), 1.0)
     order = sorted(vectorizer.vocabulary_.items(), key=lambda item: item[1])
     head = NgramHead(
         vocabulary=[gram for gram, _ in order],
         idf=np.asarray(vectorizer.idf_, dtype=np.float64),
-        coef=np.atleast_2d(np.asarray(ridge.coef_, dtype=np.float64)),
-        intercept=np.atleast_1d(np.asarray(ridge.intercept_, dtype=np.float64)),
+        coef=coef * scale[:, None],
+        intercept=targets.mean(axis=0) + scale * (intercept - held_out.mean(axis=0)),
         weight=float(weight),
     )
-    log.info("n-gram head: %d n-grams from %d replies, weight %.2f", len(head.vocabulary), len(replies), weight)
+    log.info(
+        "n-gram head: %d n-grams from %d replies, weight %.2f, stretched x%.3g (overall)",
+        len(head.vocabulary),
+        len(replies),
+        weight,
+        scale[0],
+    )
     return head
 
 

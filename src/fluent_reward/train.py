@@ -689,7 +689,8 @@ def fit(
 
     Returns:
         The model with its best epoch's weights, its tokenizer, its metadata (without the data and split hashes,
-        which only the caller knows), the training metrics and the validation history.
+        which only the caller knows; with the n-gram head fit on the training replies attached when
+        ``train.ngram_weight`` > 0), the training metrics and the validation history.
     """
     from accelerate.utils import set_seed
 
