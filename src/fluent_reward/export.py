@@ -221,10 +221,6 @@ def _trl_note() -> str:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# ONNX
-
-
 def _ngram_note(meta: ModelMetadata) -> str:
     if meta.ngram_weight == 0:
         return ""
@@ -235,6 +231,10 @@ def _ngram_note(meta: ModelMetadata) -> str:
         "(transformers, TRL) gets the transformer's score. The blend: `fluent_reward.RewardModelScorer` on the model "
         "folder or on `onnx/`, or `fluent_reward.rlaif.make_reward_function`.\n"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ONNX
 
 
 def export_onnx(model: Any, tokenizer: Any, meta: ModelMetadata, out: Path, metrics: dict | None = None) -> Path:
