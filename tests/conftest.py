@@ -21,7 +21,10 @@ from tests.support import judge_records, strict_client, write_project_params
 
 # Runs the real CLI in a subprocess with the SDK's strict response validation on, as the in-process tests do.
 JUDGE_LAUNCHER = (
-    "import sys, anthropic\n"
+    "import signal, sys, anthropic\n"
+    # Ctrl-C as at a terminal, even when the test run itself was started in the background (`cmd &` in a script
+    # starts it with SIGINT ignored, and children inherit that): the Ctrl-C test must not depend on how pytest ran.
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "from fluent_reward.cli import main\n"
     "factory = lambda **kw: anthropic.AsyncAnthropic(_strict_response_validation=True, **kw)\n"
     "sys.exit(main(sys.argv[1:], judge_client_factory=factory))\n"
