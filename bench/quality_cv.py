@@ -54,7 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))  # bea2025.py: the BEA 2025 conversion the pipeline uses
 
+from bea2025 import DIMENSIONS, records_and_labels, three_class_scores  # noqa: E402
+
 from fluent_reward.config import load_params  # noqa: E402
+from fluent_reward.evaluate import char_tfidf_ridge_baseline  # noqa: E402
 from fluent_reward.model import encode_batch, format_segments, resolve_backbone, split_turns  # noqa: E402
 from fluent_reward.ngram import fit_ngram_head  # noqa: E402
 
@@ -109,8 +112,6 @@ def load_sample() -> Dataset:
 def load_bea(path: Path, max_dialogues: int, seed: int) -> Dataset | None:
     """bea2025_dev part A as judged replies, converted as ``scripts/bea2025.py`` converts it for the pipeline;
     ``max_dialogues`` > 0 takes a seeded subset of the dialogues."""
-    from bea2025 import DIMENSIONS, records_and_labels
-
     if not path.is_file():
         log.warning("%s absent: the bea dataset is skipped", path)
         return None
@@ -418,8 +419,14 @@ def train_and_predict(
 
 
 def tfidf_ridge(data: Dataset, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """The baseline, and the model's n-gram head: the pipeline's own char_wb 2-5 TF-IDF ridge of the reply
-    (``fluent_reward.ngram``, ridge strength per label by leave-one-out) on every standardised target."""
+    """The baseline: the pipeline's own char_wb 2-5 TF-IDF ridge of the reply (``evaluate.char_tfidf_ridge_baseline``,
+    ridge strength per label by leave-one-out) on every standardised target."""
+    return char_tfidf_ridge_baseline([data.replies[i] for i in train], y[train], [data.replies[i] for i in test])
+
+
+def ngram_head(data: Dataset, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """The model's n-gram head (``fluent_reward.ngram``: the baseline stretched to the targets' spread), as
+    ``train`` fits it, on every standardised target: what each recipe's transformer is blended with."""
     head = fit_ngram_head([data.replies[i] for i in train], y[train], weight=1.0)
     return head.predict([data.replies[i] for i in test])
 
@@ -453,14 +460,6 @@ def ranking_metrics(pred: np.ndarray, judge: np.ndarray, groups: list[str]) -> d
     return {"pairwise": right / max(pairs, 1), "bon_gain": float(np.mean(gains)) if gains else float("nan")}
 
 
-def macro_f1_3(score: np.ndarray, truth: np.ndarray, low: float, high: float) -> float:
-    from sklearn.metrics import f1_score
-
-    pred = np.digitize(score, [low, high])
-    true = np.digitize(truth, [3.25, 7.75])
-    return float(f1_score(true, pred, average="macro", labels=[0, 1, 2], zero_division=0))
-
-
 def fold_metrics(
     data: Dataset, pred_std: np.ndarray, mean: np.ndarray, std: np.ndarray, train: np.ndarray, test: np.ndarray
 ) -> dict[str, Any]:
@@ -476,11 +475,8 @@ def fold_metrics(
     out["dim_spearman"] = float(np.mean(out["dims"]))
     if data.mi_index is not None:
         mi_pred, mi_true = pred[:, data.mi_index], judge[:, data.mi_index]
-        out["mi_f1"] = macro_f1_3(mi_pred, mi_true, 3.25, 7.75)
-        train_true = np.digitize(data.targets[train, data.mi_index], [3.25, 7.75])
-        shares = np.cumsum(np.bincount(train_true, minlength=3) / len(train_true))[:2]
-        low, high = np.quantile(mi_pred, shares)
-        out["mi_f1_prior"] = macro_f1_3(mi_pred, mi_true, low, high)
+        f1 = three_class_scores(mi_true, mi_pred, data.targets[train, data.mi_index])
+        out["mi_f1"], out["mi_f1_prior"] = f1["fixed"], f1["prior"]
     return out
 
 
@@ -508,6 +504,9 @@ def run_dataset(
     baseline_preds = [
         tfidf_ridge(data, (data.targets - m) / s, tr, te) for (tr, te), (m, s) in zip(splits, norm, strict=True)
     ]
+    head_preds = [
+        ngram_head(data, (data.targets - m) / s, tr, te) for (tr, te), (m, s) in zip(splits, norm, strict=True)
+    ]
     baseline = [
         fold_metrics(data, p, m, s, tr, te) for p, (tr, te), (m, s) in zip(baseline_preds, splits, norm, strict=True)
     ]
@@ -528,7 +527,7 @@ def run_dataset(
         for f, ((train, test), (m, s)) in enumerate(zip(splits, norm, strict=True)):
             pred = train_and_predict(r, cache, (data.targets - m) / s, data.groups, train, test, seed + f)
             for w in ngram_weights:  # the model's score: (1 - w) x transformer + w x n-gram head (train.ngram_weight)
-                per_weight[w].append(fold_metrics(data, (1 - w) * pred + w * baseline_preds[f], m, s, train, test))
+                per_weight[w].append(fold_metrics(data, (1 - w) * pred + w * head_preds[f], m, s, train, test))
         seconds = time.perf_counter() - started
         for w, results in per_weight.items():
             row = {"dataset": data.name, "recipe": f"{r.label()} ng{w:g}", **summarise(results), "seconds": seconds}

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fluent_reward.config import read_yaml
 from fluent_reward.io import atomic_open, write_json
 from fluent_reward.model import split_turns
@@ -38,6 +40,7 @@ DIMENSIONS = {
     "Actionability": "Is it clear from the tutor's feedback what the student should do next?",
 }
 LABEL_SCORES = {"Yes": 10.0, "To some extent": 5.5, "No": 1.0}
+LABEL_CUTS = (3.25, 7.75)  # halfway between the label scores: No | To some extent | Yes
 STUDENT = "Student:"
 
 
@@ -102,33 +105,41 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
         yaml.dump(data, handle)
 
 
-def three_class_f1(predictions: Path, split: str = "test") -> dict[str, dict[str, float]]:
-    """The shared task's metric from evaluate's predictions CSV: per dimension, the macro-F1 over Yes / To some
-    extent / No of the ``split`` rows, the predicted score cut at fixed thresholds (3.25, 7.75: halfway between the
-    label scores) and at thresholds that give the predicted classes the training rows' class shares ("prior")."""
-    import csv
-
-    import numpy as np
+def three_class_scores(truth: np.ndarray, pred: np.ndarray, train_truth: np.ndarray) -> dict[str, float]:
+    """Macro-F1 over No / To some extent / Yes of predicted scores ``pred`` against judge-scale labels ``truth``,
+    the predictions cut at the fixed ``LABEL_CUTS`` ("fixed") and at the cuts that give the predicted classes the
+    class shares of the training labels ``train_truth`` ("prior")."""
     from sklearn.metrics import f1_score
 
+    train_classes = np.digitize(train_truth, LABEL_CUTS)
+    shares = np.cumsum(np.bincount(train_classes, minlength=3))[:2] / len(train_classes)
+    classes = np.digitize(truth, LABEL_CUTS)
+    cuts = {"fixed": LABEL_CUTS, "prior": np.quantile(pred, shares)}
+    return {
+        kind: float(f1_score(classes, np.digitize(pred, c), average="macro", labels=[0, 1, 2], zero_division=0))
+        for kind, c in cuts.items()
+    }
+
+
+def three_class_f1(predictions: Path, split: str = "test") -> dict[str, dict[str, float]]:
+    """The shared task's metric from evaluate's predictions CSV: per dimension, ``three_class_scores`` of the
+    ``split`` rows, the "prior" cuts taken from the train rows."""
+    import csv
+
     rows = list(csv.DictReader(predictions.open(encoding="utf-8")))
-    cuts = [3.25, 7.75]
-    out = {}
-    for name in DIMENSIONS:
 
-        def column(kind: str, wanted: str, name: str = name) -> np.ndarray:
-            return np.array([float(r[f"{kind}_{name}"]) for r in rows if r["split"] == wanted])
+    def column(kind: str, name: str, wanted: str) -> np.ndarray:
+        return np.array([float(r[f"{kind}_{name}"]) for r in rows if r["split"] == wanted])
 
-        truth, pred = np.digitize(column("judge", split), cuts), column("pred", split)
-        train_classes = np.digitize(column("judge", "train"), cuts)
-        shares = np.cumsum(np.bincount(train_classes, minlength=3))[:2] / len(train_classes)
-        prior_cuts = np.quantile(pred, shares)
-        score = {
-            "fixed": f1_score(truth, np.digitize(pred, cuts), average="macro", labels=[0, 1, 2], zero_division=0),
-            "prior": f1_score(truth, np.digitize(pred, prior_cuts), average="macro", labels=[0, 1, 2], zero_division=0),
+    return {
+        name: {
+            k: round(v, 4)
+            for k, v in three_class_scores(
+                column("judge", name, split), column("pred", name, split), column("judge", name, "train")
+            ).items()
         }
-        out[name] = {k: round(float(v), 4) for k, v in score.items()}
-    return out
+        for name in DIMENSIONS
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
