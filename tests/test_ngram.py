@@ -39,9 +39,30 @@ def _replies(seed: int = 1) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_tiny_model_folder(tmp_path_factory.mktemp("ngram") / "model", DIMS, seed=3, ngram_weight=WEIGHT)
+@pytest.fixture(scope="module", params=[None, 1], ids=["ngrams", "ngrams+layer1"])
+def folder(tmp_path_factory, request) -> Path:
+    """A tiny model folder whose head reads the n-grams alone, or also the replies' layer-1 embeddings."""
+    return make_tiny_model_folder(
+        tmp_path_factory.mktemp("ngram") / "model",
+        DIMS,
+        seed=3,
+        ngram_weight=WEIGHT,
+        ngram_embedding_layer=request.param,
+    )
+
+
+def _mean_pooled_states(model, tokenizer, replies: list[str], layer: int, max_length: int) -> np.ndarray:
+    """Each reply alone through the whole model (transformers' own forward), its layer-``layer`` states averaged
+    over its tokens: what the head's embedding must be, computed independently of ``pooled_prefix``."""
+    import torch
+
+    rows = []
+    with torch.inference_mode():
+        for reply in replies:
+            batch = tokenizer(reply, truncation=True, max_length=max_length, return_tensors="pt")
+            states = model.base_model(**batch, output_hidden_states=True).hidden_states[layer]
+            rows.append(states[0].mean(0).numpy())
+    return np.array(rows, dtype=np.float64)
 
 
 def test_head_is_the_char_tfidf_baseline_stretched_to_the_targets_spread():
@@ -63,6 +84,26 @@ def test_head_is_the_char_tfidf_baseline_stretched_to_the_targets_spread():
     held_out = np.stack([ridge.cv_results_[:, k, a] for k, a in enumerate(chosen)], 1)
     slopes = [np.polyfit(baseline[:, k], got[:, k], 1)[0] for k in range(3)]
     np.testing.assert_allclose(np.array(slopes) * held_out.std(0), targets[:30].std(0), rtol=1e-6)
+
+
+def test_the_embedding_features_change_the_head_and_travel_with_it(tmp_path):
+    rows = make_records(n_groups=10, per_group=4, seed=0)
+    texts = [r["tutor_response"] for r in rows]
+    rng = np.random.default_rng(2)
+    targets, embeddings = rng.uniform(1, 10, size=(len(texts), 3)), rng.normal(size=(len(texts), 8))
+    targets[:, 0] += 2 * embeddings[:, 0] / np.linalg.norm(embeddings, axis=1)  # a label the embedding explains
+    plain = fit_ngram_head(texts, targets, 0.5)
+    head = fit_ngram_head(texts, targets, 0.5, embeddings, embedding_layer=3)
+    assert head.embedding_size == 8 and plain.embedding_size == 0
+    assert (
+        np.corrcoef(head.predict(texts, embeddings)[:, 0], targets[:, 0])[0, 1]
+        > np.corrcoef(plain.predict(texts)[:, 0], targets[:, 0])[0, 1]
+    )
+    loaded = load_ngram_head(tmp_path, 0.5, head.save(tmp_path), n_labels=3)
+    assert loaded.embedding_layer == 3
+    np.testing.assert_array_equal(loaded.predict(texts, embeddings), head.predict(texts, embeddings))
+    with pytest.raises(ValueError, match=r"expected \(40, 8\)"):
+        loaded.predict(texts, embeddings[:, :4])
 
 
 def test_a_saved_head_loads_back_identical(tmp_path):
@@ -98,7 +139,14 @@ def test_folder_holds_the_head_and_every_scorer_blends_it(folder):
     rows = _replies()
     replies = [r["tutor_response"] for r in rows]
     transformer = predict_scores(model, tokenizer, metadata.with_ngram_head(None), rows, batch_size=8)
-    expected = (1 - WEIGHT) * transformer + WEIGHT * metadata.ngram_head.predict(replies)
+    layer = metadata.ngram_head.embedding_layer
+    embeddings = None
+    if layer is not None:
+        embeddings = _mean_pooled_states(model, tokenizer, replies, layer, metadata.max_length)
+        assert metadata.ngram_head.embedding_size == embeddings.shape[1]
+        with pytest.raises(ValueError, match="embeddings"):
+            metadata.ngram_head.predict(replies)
+    expected = (1 - WEIGHT) * transformer + WEIGHT * metadata.ngram_head.predict(replies, embeddings)
     # evaluate / cv path and the scorer path give the same blend
     np.testing.assert_allclose(predict_scores(model, tokenizer, metadata, rows, batch_size=8), expected, atol=1e-9)
     scorer = RewardModelScorer(folder, device="cpu", clip=False)

@@ -48,7 +48,8 @@ def test_every_setting_survives_dvc_exp_run_set_param(tmp_path):
         ("train.mixed_precision=bf16", ("train", "mixed_precision"), "bf16"),
         ("train.lr=1e-4", ("train", "lr"), 1e-4),
         ("score.fast=true", ("score", "fast"), True),
-        ("train.freeze_embeddings=false", ("train", "freeze_embeddings"), False),
+        ("train.frozen_cache=false", ("train", "frozen_cache"), False),
+        ("train.ngram_embedding_layer=null", ("train", "ngram_embedding_layer"), None),
         ("judge.prompt_cache_ttl=1h", ("judge", "prompt_cache_ttl"), "1h"),
         ("score.device=cuda:1", ("score", "device"), "cuda:1"),
         ("judge.max_budget_usd=null", ("judge", "max_budget_usd"), None),
@@ -194,6 +195,11 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("score.batch_size=0", r"score\.batch_size: Input should be greater than or equal to 1"),
         ("judge.max_budget_usd=nan", r"judge\.max_budget_usd: Input should be a finite number"),
         ("train.warmup_ratio=-inf", r"train\.warmup_ratio: Input should be a finite number"),
+        (
+            "train.freeze_layers=4",
+            r"train\.ngram_embedding_layer=6 must be a frozen layer: at most train\.freeze_layers \(4\)",
+        ),
+        ("train.freeze_embeddings=false", r"train\.ngram_embedding_layer=6 must be a frozen layer"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(tmp_path, override, message):

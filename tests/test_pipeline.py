@@ -192,6 +192,7 @@ def _tiny_repo(root: Path) -> Path:
     params["train"].update(
         backbone=str(make_tiny_backbone(root / "backbone")),
         freeze_layers=1,  # of the tiny backbone's 2 layers
+        ngram_embedding_layer=1,  # the n-gram head reads the frozen layer's reply embedding, as by default
         max_length=64,
         epochs=1,
         batch_size=16,

@@ -299,9 +299,26 @@ class TrainConfig(_Section):
     ngram_weight: float = Field(
         ge=0,
         le=1,
-        description="share of the score from the n-gram head (a ridge on the reply's character n-grams, fit on the "
-        "same training replies): (1 - w) x transformer + w x n-gram, per label. 0: the transformer alone",
+        description="share of the score from the n-gram head (a ridge on the reply alone: its character n-grams "
+        "and embedding, fit on the same training replies): (1 - w) x transformer + w x head, per label. 0: the "
+        "transformer alone",
     )
+    ngram_embedding_layer: int | None = Field(
+        ge=0,
+        description="the n-gram head also reads the reply's mean-pooled hidden states after this encoder layer (a "
+        "frozen one: at most freeze_layers, with freeze_embeddings). null: character n-grams only",
+    )
+
+    @model_validator(mode="after")
+    def _embedding_layer_frozen(self) -> TrainConfig:
+        # a layer that trains would give the head features that drift from the ones it was fit on
+        layer = self.ngram_embedding_layer
+        if layer is not None and self.ngram_weight > 0 and (not self.freeze_embeddings or layer > self.freeze_layers):
+            raise ValueError(
+                f"train.ngram_embedding_layer={layer} must be a frozen layer: at most train.freeze_layers "
+                f"({self.freeze_layers}), with train.freeze_embeddings true; or null"
+            )
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

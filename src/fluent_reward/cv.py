@@ -40,7 +40,7 @@ from fluent_reward.evaluate import (
     pairwise_accuracy,
 )
 from fluent_reward.io import atomic_open, file_sha256, read_json, stable_hash, write_json
-from fluent_reward.model import predict_scores, target_matrix
+from fluent_reward.model import head_embeddings, predict_scores, target_matrix
 from fluent_reward.splits import group_languages, training_data_sha256
 from fluent_reward.stats import spearman
 from fluent_reward.train import fit
@@ -186,7 +186,9 @@ def fold_scores(
     transformer = predict_scores(fitted.model, fitted.tokenizer, alone, test_records, params.evaluate.batch_size)
     head = fitted.metadata.ngram_head
     replies = [r["tutor_response"] for r in test_records]
-    out = {"model": head.blend(transformer, replies) if head is not None else transformer, "transformer": transformer}
+    embeddings = head_embeddings(fitted.model, fitted.tokenizer, fitted.metadata, replies, params.evaluate.batch_size)
+    blended = head.blend(transformer, replies, embeddings) if head is not None else transformer
+    out = {"model": blended, "transformer": transformer}
     del fitted
     gc.collect()
     both = [records[i] for i in train_idx] + test_records

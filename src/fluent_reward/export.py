@@ -56,6 +56,7 @@ from fluent_reward.model_folder import (
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
+REPLY_ONNX_FILE = "reply_embedding.onnx"  # the n-gram head's reply embedding, when it reads one
 EXPORT_FILE = "export.json"
 ONNX_OPSET = 17
 
@@ -227,9 +228,9 @@ def _ngram_note(meta: ModelMetadata) -> str:
     return (
         "\n## The n-gram head is not in this folder\n\n"
         f"The reward model's scores blend this transformer ({1 - meta.ngram_weight:g}) with a ridge on the reply's "
-        f"character n-grams ({meta.ngram_weight:g}); this folder holds the transformer alone, so a by-path loader "
-        "(transformers, TRL) gets the transformer's score. The blend: `fluent_reward.RewardModelScorer` on the model "
-        "folder or on `onnx/`, or `fluent_reward.rlaif.make_reward_function`.\n"
+        f"character n-grams and embedding ({meta.ngram_weight:g}); this folder holds the transformer alone, so a "
+        "by-path loader (transformers, TRL) gets the transformer's score. The blend: `fluent_reward.RewardModelScorer` "
+        "on the model folder or on `onnx/`, or `fluent_reward.rlaif.make_reward_function`.\n"
     )
 
 
@@ -238,8 +239,11 @@ def _ngram_note(meta: ModelMetadata) -> str:
 
 
 def export_onnx(model: Any, tokenizer: Any, meta: ModelMetadata, out: Path, metrics: dict | None = None) -> Path:
-    """Write ``model.onnx`` (all labels, judge scale) + tokenizer + metadata + card; returns the folder."""
+    """Write ``model.onnx`` (all labels, judge scale) + tokenizer + metadata + card; returns the folder. When the
+    n-gram head reads reply embeddings, ``reply_embedding.onnx`` computes them."""
     import torch
+
+    from fluent_reward.frozen_prefix import PooledPrefix
 
     names = list(tokenizer("a", "b").keys())
     model = copy.deepcopy(model).float().cpu().eval()
@@ -258,6 +262,18 @@ def export_onnx(model: Any, tokenizer: Any, meta: ModelMetadata, out: Path, metr
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
+        head = meta.ngram_head
+        if head is not None and head.embedding_layer is not None:
+            torch.onnx.export(
+                PooledPrefix(model, head.embedding_layer, names).eval(),
+                tuple(example[name] for name in names),
+                str(tmp / REPLY_ONNX_FILE),
+                input_names=names,
+                output_names=["embedding"],
+                dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names} | {"embedding": {0: "batch"}},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
         written = tokenizer.save_pretrained(tmp)
         saved = meta.model_copy(
             update={
@@ -287,8 +303,9 @@ def _logits_module(model: Any, names: list[str]) -> Any:
     return LogitsOnly().eval()
 
 
-def load_onnx_folder(folder: str | Path) -> tuple[Any, Any, ModelMetadata, list[str]]:
-    """``(onnxruntime session, tokenizer, metadata, input names)`` from a verified ONNX export folder."""
+def load_onnx_folder(folder: str | Path) -> tuple[Any, Any, ModelMetadata, list[str], Any]:
+    """``(onnxruntime session, tokenizer, metadata, input names, reply-embedding session or None)`` from a verified
+    ONNX export folder (the second graph exists when the n-gram head reads reply embeddings)."""
     folder = Path(folder)
     meta = attach_ngram_head(folder, ModelMetadata.load(folder))
     path = folder / ONNX_FILE
@@ -301,17 +318,27 @@ def load_onnx_folder(folder: str | Path) -> tuple[Any, Any, ModelMetadata, list[
         import onnxruntime
     except ImportError:
         raise ModelFolderError("backend='onnx' needs onnxruntime: pip install -e '.[onnx]'") from None
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for damaged or foreign files
-        raise ModelFolderError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+    session = _onnx_session(onnxruntime, path)
     names = [i.name for i in session.get_inputs()]
     outputs = session.get_outputs()
     if len(outputs) != 1 or outputs[0].shape[-1] != len(meta.labels):
         raise ModelFolderError(
             f"{path}: its output is {outputs[0].shape}, the metadata lists {len(meta.labels)} labels"
         )
-    return session, tokenizer, meta, names
+    reply_session = None
+    if meta.ngram_head is not None and meta.ngram_head.embedding_layer is not None:
+        reply_path = folder / REPLY_ONNX_FILE
+        if not reply_path.is_file():
+            raise ModelFolderError(f"{reply_path}: missing (the n-gram head reads reply embeddings); re-export")
+        reply_session = _onnx_session(onnxruntime, reply_path)
+    return session, tokenizer, meta, names, reply_session
+
+
+def _onnx_session(onnxruntime: Any, path: Path) -> Any:
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for damaged or foreign files
+        raise ModelFolderError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -124,6 +124,25 @@ def prefix_hidden(model: Any, start: int, batch: dict[str, torch.Tensor]) -> tor
     return run_layers(base, base.encoder.layer[:start], hidden, batch["attention_mask"])
 
 
+def pooled_prefix(model: Any, layers: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean over each row's tokens (attention mask) of the hidden states after encoder layer ``layers``
+    (0: the embeddings' output), fp32: the n-gram head's embedding of a reply (``fluent_reward.ngram``)."""
+    hidden = prefix_hidden(model, layers, batch).float()
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class PooledPrefix(nn.Module):
+    """``pooled_prefix`` as a module with positional tensor inputs in ``names`` order (the ONNX export's graph)."""
+
+    def __init__(self, model: Any, layers: int, names: Sequence[str]):
+        super().__init__()
+        self.model, self.layers, self.names = model, layers, list(names)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return pooled_prefix(self.model, self.layers, dict(zip(self.names, tensors, strict=True)))
+
+
 def tail_agreement(model: Any, start: int, encoded: Sequence[dict[str, list[int]]], pad: int) -> float:
     """Largest |logit difference| between the whole model and prefix + tail, in eval mode and fp32, on ``encoded``."""
     was_training = model.training

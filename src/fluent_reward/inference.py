@@ -43,7 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 from fluent_reward.errors import FluentRewardError
 from fluent_reward.io import atomic_open
-from fluent_reward.model import cpu_has_native_bf16, encode_batch, split_turns
+from fluent_reward.model import (
+    cpu_has_native_bf16,
+    encode_batch,
+    model_reply_embeddings,
+    reply_embeddings,
+    split_turns,
+)
 from fluent_reward.model_folder import ModelMetadata, classifier_layer, load_model_folder
 from fluent_reward.progress import progress
 
@@ -383,7 +389,7 @@ class RewardModelScorer:
         self.max_batch_tokens = max_batch_tokens
         self.clip = clip
         self._compiled = None
-        self._session = None
+        self._session = self._reply_session = None
         if backend == "onnx":
             self._init_onnx(device, fast, compile, num_threads)
         else:
@@ -430,7 +436,8 @@ class RewardModelScorer:
         self.num_threads = configure_threads(num_threads)
         if self.path.exists() and not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: is not a folder; give the onnx/ folder of `fluent-reward export`")
-        self._session, self.tokenizer, self.metadata, self._onnx_inputs = load_onnx_folder(self.path)
+        loaded = load_onnx_folder(self.path)
+        self._session, self.tokenizer, self.metadata, self._onnx_inputs, self._reply_session = loaded
 
     # -- properties --------------------------------------------------------------------------------------------
 
@@ -564,7 +571,7 @@ class RewardModelScorer:
                 if on_batch is not None:
                     on_batch(len(batch))
         if self.metadata.ngram_head is not None:
-            out = self.metadata.ngram_head.blend(out, responses)
+            out = self.metadata.ngram_head.blend(out, responses, self._head_embeddings(responses, batch_size))
         if self.clip:
             np.clip(out, *self.scale, out=out)
         return out
@@ -579,6 +586,24 @@ class RewardModelScorer:
             feed = {name: inputs[name].numpy() for name in self._onnx_inputs}
             return torch.from_numpy(self._session.run(None, feed)[0]).float()
         return self._forward(inputs).logits.float().cpu()
+
+    def _head_embeddings(self, responses: list[str], batch_size: int) -> np.ndarray | None:
+        """The reply embeddings the n-gram head reads (None if it reads none): the model's own layers, or the ONNX
+        export's reply-embedding graph."""
+
+        layer = self.metadata.ngram_head.embedding_layer if self.metadata.ngram_head is not None else None
+        if layer is None:
+            return None
+        if self._reply_session is not None:
+            session, names = self._reply_session, self._onnx_inputs
+
+            def pooled(batch: dict[str, torch.Tensor]) -> Any:
+                return session.run(None, {name: batch[name].numpy() for name in names})[0]
+
+            return reply_embeddings(pooled, self.tokenizer, responses, self.metadata.max_length, batch_size)
+        return model_reply_embeddings(
+            self.model, self.tokenizer, responses, layer, self.metadata.max_length, batch_size
+        )
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> Any:
         if self._compiled is not None:

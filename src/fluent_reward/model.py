@@ -280,8 +280,76 @@ def predict_scores_with_truncation(
     logits = predict_logits(model, encoded, batch_size, pad_id(tokenizer))
     scores = scores_from_logits(logits, metadata)
     if metadata.ngram_head is not None:
-        scores = metadata.ngram_head.blend(scores, [r["tutor_response"] for r in records])
+        replies = [r["tutor_response"] for r in records]
+        embeddings = head_embeddings(model, tokenizer, metadata, replies, batch_size)
+        scores = metadata.ngram_head.blend(scores, replies, embeddings)
     return scores, truncation
+
+
+def head_embeddings(
+    model: Any, tokenizer: Any, metadata: ModelMetadata, replies: Sequence[str], batch_size: int
+) -> np.ndarray | None:
+    """The embeddings the attached n-gram head reads, from the model's own layers; None when it reads none."""
+    head = metadata.ngram_head
+    if head is None or head.embedding_layer is None:
+        return None
+    return model_reply_embeddings(model, tokenizer, replies, head.embedding_layer, metadata.max_length, batch_size)
+
+
+def model_reply_embeddings(
+    model: Any, tokenizer: Any, replies: Sequence[str], layer: int, max_length: int, batch_size: int
+) -> np.ndarray:
+    """``reply_embeddings`` pooled after encoder layer ``layer`` of ``model`` (eval mode for the call)."""
+    from fluent_reward.frozen_prefix import pooled_prefix
+
+    stack = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    if stack is None or layer > len(stack):
+        have = "no `encoder.layer` stack" if stack is None else f"{len(stack)} layers"
+        raise FluentRewardError(
+            f"ngram_embedding_layer={layer}: the backbone has {have}; set train.ngram_embedding_layer"
+        )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        return reply_embeddings(
+            lambda batch: pooled_prefix(model, layer, {k: v.to(device) for k, v in batch.items()}),
+            tokenizer,
+            replies,
+            max_length,
+            batch_size,
+        )
+    finally:
+        model.train(was_training)
+
+
+def reply_embeddings(
+    pooled: Callable[[dict[str, torch.Tensor]], Any],
+    tokenizer: Any,
+    replies: Sequence[str],
+    max_length: int,
+    batch_size: int,
+) -> np.ndarray:
+    """Each reply encoded alone (its plain text, cut to ``max_length`` tokens) and pooled by ``pooled(batch) ->
+    (rows, width)`` (``frozen_prefix.pooled_prefix``, or its ONNX graph): shape (n, width), in input order."""
+    import torch
+
+    if not replies:
+        return np.zeros((0, 0))
+    columns = tokenizer(list(replies), truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in columns]
+    encoded = [{k: columns[k][i] for k in keys} for i in range(len(replies))]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([{k: encoded[i][k] for k in keys} for i in idx], pad_id(tokenizer))
+            chunks.append((idx, np.asarray(torch.as_tensor(pooled(batch)).float().cpu(), dtype=np.float64)))
+    out = np.zeros((len(encoded), chunks[0][1].shape[1]), dtype=np.float64)
+    for idx, values in chunks:
+        out[idx] = values
+    return out
 
 
 def scores_from_logits(logits: np.ndarray, metadata: ModelMetadata) -> np.ndarray:

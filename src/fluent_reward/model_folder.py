@@ -541,9 +541,19 @@ def _ngram_card_lines(meta: ModelMetadata, overall_only: bool) -> list[str]:
         "",
         f"The reward model's scores are `{1 - meta.ngram_weight:g} x logits + {meta.ngram_weight:g} x n-gram head`, "
         f"per label: the n-gram head (`{NGRAM_HEAD_FILE}`, `{NGRAM_VOCABULARY_FILE}`) is a ridge regression on the "
-        "reply's character 2-5-grams (TF-IDF) fit on the same training replies. `fluent_reward.RewardModelScorer` "
-        "applies the blend; a plain transformers load of this folder gives the logits alone.",
+        "reply's character 2-5-grams (TF-IDF)"
+        + (
+            f" and its embedding (the mean of the encoder's hidden states after layer {layer}, the reply alone)"
+            if (layer := _head_layer(meta)) is not None
+            else ""
+        )
+        + ", fit on the same training replies. `fluent_reward.RewardModelScorer` applies the blend; a plain "
+        "transformers load of this folder gives the logits alone.",
     ]
+
+
+def _head_layer(meta: ModelMetadata) -> int | None:
+    return meta.ngram_head.embedding_layer if meta.ngram_head is not None else None
 
 
 def backbone_licence(backbone: str) -> str:

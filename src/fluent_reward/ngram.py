@@ -1,4 +1,4 @@
-"""The n-gram head: a ridge regression on the reply's character n-grams, blended into the transformer's scores.
+"""The n-gram head: a ridge regression on the reply alone, blended into the transformer's scores.
 
 The reward model's score is ``(1 - w) * transformer + w * ngram`` per label (overall and every dimension, on the
 judge's scale), ``w = train.ngram_weight``. The two read different things: the transformer reads the context, the
@@ -15,6 +15,12 @@ that ``w`` weighs two scores of comparable spread. In a model folder the head is
 ``ngram_vocabulary.json`` (the n-grams in feature order); their sha256 are in the metadata and checked at load.
 Scoring rebuilds the features from the vocabulary with a fixed-vocabulary ``CountVectorizer`` (no fitting), so a
 folder scores the same on any machine.
+
+With ``train.ngram_embedding_layer`` set (default 6), the ridge also reads the reply's **embedding**: the mean over
+its tokens of the encoder's hidden states after that layer, the reply encoded alone (L2-normalised, appended to the
+n-gram features). The layer must be frozen in training, so the embedding is the backbone's own and the same before
+and after training; ``fluent_reward.model.reply_embeddings`` computes it for every scorer. On the sample's CV this
+lifted the head from Spearman 0.42 to 0.51 and the blend's pairwise accuracy from 0.75 to 0.78 (docs/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -72,9 +78,19 @@ class NgramHead:
     coef: np.ndarray  # (n_labels, n_features)
     intercept: np.ndarray  # (n_labels,)
     weight: float  # share of the blended score: (1 - weight) * transformer + weight * this head
+    embedding_layer: int | None = None  # also reads the reply's mean-pooled hidden states after this encoder layer
 
-    def features(self, replies: Sequence[str]) -> Any:
-        """TF-IDF rows (sparse, L2-normalised) of ``replies`` over the fitted vocabulary, as ``char_tfidf`` makes."""
+    @property
+    def embedding_size(self) -> int:
+        """Width of the embedding part of the features (0: n-grams only)."""
+        return self.coef.shape[1] - len(self.vocabulary)
+
+    def features(self, replies: Sequence[str], embeddings: np.ndarray | None = None) -> Any:
+        """The ridge's input rows: TF-IDF (sparse, L2-normalised) of ``replies`` over the fitted vocabulary, as
+        ``char_tfidf`` makes, then the L2-normalised ``embeddings`` (n, width) when the head reads them."""
+        return with_embeddings(self.ngram_features(replies), embeddings, self.embedding_layer, self.embedding_size)
+
+    def ngram_features(self, replies: Sequence[str]) -> Any:
         from sklearn.feature_extraction.text import CountVectorizer
         from sklearn.preprocessing import normalize
 
@@ -86,15 +102,16 @@ class NgramHead:
         counts.data += 1.0  # sublinear tf: 1 + log(count)
         return normalize(counts.multiply(self.idf[None, :]).tocsr())
 
-    def predict(self, replies: Sequence[str]) -> np.ndarray:
+    def predict(self, replies: Sequence[str], embeddings: np.ndarray | None = None) -> np.ndarray:
         """Judge-scale predictions, shape (n, n_labels), overall first."""
-        return np.asarray(self.features(replies) @ self.coef.T) + self.intercept[None, :]
+        return np.asarray(self.features(replies, embeddings) @ self.coef.T) + self.intercept[None, :]
 
-    def blend(self, scores: np.ndarray, replies: Sequence[str]) -> np.ndarray:
+    def blend(self, scores: np.ndarray, replies: Sequence[str], embeddings: np.ndarray | None = None) -> np.ndarray:
         """The reward model's scores: the transformer's ``scores`` (n, n_labels) blended with this head's."""
         if scores.shape != (len(replies), self.coef.shape[0]):
             raise ValueError(f"scores have shape {scores.shape}, expected ({len(replies)}, {self.coef.shape[0]})")
-        return ((1.0 - self.weight) * scores + self.weight * self.predict(replies)).astype(scores.dtype)
+        blended = (1.0 - self.weight) * scores + self.weight * self.predict(replies, embeddings)
+        return blended.astype(scores.dtype)
 
     def save(self, folder: Path) -> dict[str, str]:
         """Write the two files into ``folder``; returns their sha256 by name (for the metadata)."""
@@ -106,13 +123,41 @@ class NgramHead:
         save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, str(folder / HEAD_FILE))
         write_json(
             folder / VOCABULARY_FILE,
-            {"analyzer": ANALYZER, "ngram_range": list(NGRAM_RANGE), "vocabulary": self.vocabulary},
+            {
+                "analyzer": ANALYZER,
+                "ngram_range": list(NGRAM_RANGE),
+                "embedding_layer": self.embedding_layer,
+                "vocabulary": self.vocabulary,
+            },
         )
         return {name: file_sha256(folder / name) for name in (HEAD_FILE, VOCABULARY_FILE)}
 
 
-def fit_ngram_head(replies: Sequence[str], targets: np.ndarray, weight: float) -> NgramHead:
-    """Fit the head on training ``replies`` and their judge-scale ``targets`` (n, n_labels).
+def with_embeddings(ngrams: Any, embeddings: np.ndarray | None, layer: int | None, width: int) -> Any:
+    """``ngrams`` (sparse rows) followed by the L2-normalised ``embeddings`` when ``layer`` is set (checked to be
+    given, one row per reply, ``width`` wide; ``width`` 0: any)."""
+    import scipy.sparse as sp
+
+    if layer is None:
+        return ngrams
+    if embeddings is None:
+        raise ValueError(f"this n-gram head reads the replies' layer-{layer} embeddings; none were given")
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if embeddings.ndim != 2 or embeddings.shape[0] != ngrams.shape[0] or (width and embeddings.shape[1] != width):
+        raise ValueError(f"embeddings have shape {embeddings.shape}, expected ({ngrams.shape[0]}, {width or 'any'})")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return sp.hstack([ngrams, sp.csr_matrix(embeddings / np.where(norms > 0, norms, 1.0))]).tocsr()
+
+
+def fit_ngram_head(
+    replies: Sequence[str],
+    targets: np.ndarray,
+    weight: float,
+    embeddings: np.ndarray | None = None,
+    embedding_layer: int | None = None,
+) -> NgramHead:
+    """Fit the head on training ``replies`` and their judge-scale ``targets`` (n, n_labels); with
+    ``embedding_layer``, on the replies' ``embeddings`` from that layer too (``fluent_reward.model.reply_embeddings``).
 
     The ridge's predictions are then stretched, per label, to the targets' spread: an affine map (same ranking as the
     char TF-IDF baseline) that gives the head's leave-one-out predictions on the training replies the targets' mean
@@ -121,7 +166,7 @@ def fit_ngram_head(replies: Sequence[str], targets: np.ndarray, weight: float) -
     and the blend would be the transformer's ranking whatever the weight.
     """
     vectorizer = char_tfidf()
-    features = vectorizer.fit_transform(list(replies))
+    features = with_embeddings(vectorizer.fit_transform(list(replies)), embeddings, embedding_layer, 0)
     targets = np.asarray(targets, dtype=np.float64).reshape(len(replies), -1)
     ridge = ridge_per_label(store_cv_results=True).fit(features, targets)
     coef = np.atleast_2d(np.asarray(ridge.coef_, dtype=np.float64))
@@ -140,10 +185,12 @@ def fit_ngram_head(replies: Sequence[str], targets: np.ndarray, weight: float) -
         coef=coef * scale[:, None],
         intercept=targets.mean(axis=0) + scale * (intercept - held_out.mean(axis=0)),
         weight=float(weight),
+        embedding_layer=embedding_layer,
     )
     log.info(
-        "n-gram head: %d n-grams from %d replies, weight %.2f, stretched x%.3g (overall)",
+        "n-gram head: %d n-grams%s from %d replies, weight %.2f, stretched x%.3g (overall)",
         len(head.vocabulary),
+        f" + a {head.embedding_size}-wide layer-{embedding_layer} embedding" if embedding_layer is not None else "",
         len(replies),
         weight,
         scale[0],
@@ -167,14 +214,22 @@ def load_ngram_head(folder: str | Path, weight: float, files: dict[str, str], n_
             raise NgramHeadError(f"{path}: not the file saved with this model (sha256 differs from the metadata)")
     try:
         arrays = load_file(str(folder / HEAD_FILE))
-        vocabulary = json.loads((folder / VOCABULARY_FILE).read_text(encoding="utf-8"))["vocabulary"]
+        saved = json.loads((folder / VOCABULARY_FILE).read_text(encoding="utf-8"))
+        vocabulary, layer = saved["vocabulary"], saved.get("embedding_layer")
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise NgramHeadError(f"{folder}: unreadable n-gram head ({exc})") from None
-    head = NgramHead(vocabulary, arrays["idf"], arrays["coef"], arrays["intercept"], float(weight))
+    if layer is not None and (type(layer) is not int or layer < 0):
+        raise NgramHeadError(
+            f"{folder / VOCABULARY_FILE}: embedding_layer must be a layer number or null, got {layer!r}"
+        )
+    head = NgramHead(vocabulary, arrays["idf"], arrays["coef"], arrays["intercept"], float(weight), layer)
     n_features = len(vocabulary)
     if (
         head.idf.shape != (n_features,)
-        or head.coef.shape != (n_labels, n_features)
+        or head.coef.ndim != 2
+        or head.coef.shape[0] != n_labels
+        or head.coef.shape[1] < n_features
+        or (layer is None) != (head.coef.shape[1] == n_features)
         or head.intercept.shape != (n_labels,)
     ):
         raise NgramHeadError(f"{folder / HEAD_FILE}: shapes do not match {n_features} n-grams and {n_labels} labels")

@@ -42,6 +42,7 @@ from fluent_reward.model import (
     collate,
     cpu_has_native_bf16,
     encode_records,
+    model_reply_embeddings,
     pad_id,
     predict_in_batches,
     quiet_transformers,
@@ -717,20 +718,28 @@ def fit(
                 history, best = run_epochs(loop)
         finally:
             inputs.close()
-        head = fit_ngram_head_on(data, cfg.ngram_weight, rubric)
+        model = accelerator.unwrap_model(loop.module).model
+        head = fit_ngram_head_on(data, cfg, rubric, model, tokenizer)
         metrics = fit_metrics(loop, best, history, time.perf_counter() - started)
-    metrics["ngram_features"] = len(head.vocabulary) if head is not None else 0
-    model = accelerator.unwrap_model(loop.module).model
+    metrics["ngram_features"] = len(head.vocabulary) + head.embedding_size if head is not None else 0
     meta = fit_metadata(cfg, rubric, data, best).with_ngram_head(head)
     return FittedModel(model, tokenizer, meta, metrics, history, loop.seen)
 
 
-def fit_ngram_head_on(data: TrainData, weight: float, rubric: Rubric) -> NgramHead | None:
-    """The n-gram head fit on the training replies and their judge-scale targets (None when ``weight`` is 0)."""
-    if weight == 0:
+def fit_ngram_head_on(
+    data: TrainData, cfg: TrainConfig, rubric: Rubric, model: Any, tokenizer: Any
+) -> NgramHead | None:
+    """The n-gram head fit on the training replies and their judge-scale targets (None when ``ngram_weight`` is 0);
+    with ``ngram_embedding_layer``, on the replies' embeddings from that (frozen) layer of ``model`` too."""
+    if cfg.ngram_weight == 0:
         return None
     replies = [r["tutor_response"] for r in data.records["train"]]
-    return fit_ngram_head(replies, target_matrix(data.records["train"], rubric.names), weight)
+    layer = cfg.ngram_embedding_layer
+    embeddings = None
+    if layer is not None:
+        embeddings = model_reply_embeddings(model, tokenizer, replies, layer, cfg.max_length, 2 * cfg.batch_size)
+    targets = target_matrix(data.records["train"], rubric.names)
+    return fit_ngram_head(replies, targets, cfg.ngram_weight, embeddings, layer)
 
 
 def fit_metadata(cfg: TrainConfig, rubric: Rubric, data: TrainData, best: dict[str, Any]) -> ModelMetadata:

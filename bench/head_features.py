@@ -1,0 +1,107 @@
+"""What the n-gram head should read: grouped K-fold CV of the head alone, per feature set, beside the char TF-IDF
+ridge baseline (docs/TRAINING.md, "The reply embedding").
+
+    .venv/bin/python bench/head_features.py                                  # sample + all bea2025_dev dialogues
+    .venv/bin/python bench/head_features.py --dataset sample --layers 2 4 6 8 10 12
+
+Feature sets: ``char`` (the char n-gram TF-IDF of the reply: the head as it was, the baseline stretched) and
+``char+eN`` (the head with ``train.ngram_embedding_layer: N``: also the reply's embedding after encoder layer N).
+The embedding is the pipeline's own (``fluent_reward.model.model_reply_embeddings``: the reply encoded alone, its
+layer-N hidden states averaged over its tokens) from the backbone before any training, which is what a trained
+model's frozen layers give. The head is fit as ``train`` fits it (``fit_ngram_head``: ridge strength per label by
+leave-one-out, stretched to the targets' spread) on each fold's training groups and scored on the fold's test
+groups: Spearman (overall), pairwise accuracy (judge gap >= 0.5), best-of-N gain, mean per-dimension Spearman, and on
+bea the Mistake_Identification 3-class macro-F1 (fixed cuts / prior-matched cuts). Folds as in bench/quality_cv.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "scripts"), str(ROOT / "src")]
+
+from bea2025 import three_class_scores  # noqa: E402
+from quality_cv import BEA, Dataset, group_folds, load_bea, load_sample, spearman  # noqa: E402
+
+from fluent_reward.config import load_params  # noqa: E402
+from fluent_reward.evaluate import best_of_n_gain, pairwise_accuracy  # noqa: E402
+from fluent_reward.model import model_reply_embeddings, resolve_backbone  # noqa: E402
+from fluent_reward.ngram import fit_ngram_head  # noqa: E402
+from fluent_reward.train import load_backbone_model  # noqa: E402
+
+log = logging.getLogger("head_features")
+
+
+def embeddings_by_layer(data: Dataset, backbone: str, layers: list[int], max_length: int) -> dict[int, np.ndarray]:
+    model, tokenizer, _ = load_backbone_model(backbone, ["overall"], ROOT / "models" / "backbones")
+    model.eval()
+    return {n: model_reply_embeddings(model, tokenizer, data.replies, n, max_length, 32) for n in layers}
+
+
+def fold_metrics(data: Dataset, pred: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    judge, groups = data.targets[test], [data.groups[i] for i in test]
+    row = {
+        "spearman": spearman(pred[:, 0], judge[:, 0]),
+        "pairwise": pairwise_accuracy(judge[:, 0], pred[:, 0], groups, 0.5)[0],
+        "bon_gain": best_of_n_gain(judge[:, 0], pred[:, 0], groups)[0],
+        "dim_spearman": float(np.mean([spearman(pred[:, k], judge[:, k]) for k in range(1, judge.shape[1])])),
+    }
+    if data.mi_index is not None:
+        k = data.mi_index
+        f1 = three_class_scores(judge[:, k], pred[:, k], data.targets[train, k])
+        row |= {"mi_f1": f1["fixed"], "mi_f1_prior": f1["prior"]}
+    return row
+
+
+def run(data: Dataset, sets: list[str], embeddings: dict[int, np.ndarray], folds: int, seed: int) -> None:
+    tests = group_folds(data, folds, seed)
+    everything = np.arange(len(data.replies))
+    print(f"\n{data.name} ({len(data.replies)} replies, {len(set(data.groups))} groups, {folds} folds)")
+    for name in sets:
+        layer = int(name.split("+e")[-1]) if "+e" in name else None
+        per_fold = []
+        for test in tests:
+            train = np.setdiff1d(everything, test)
+            replies = [data.replies[i] for i in train]
+            emb = embeddings[layer] if layer is not None else None
+            head = fit_ngram_head(replies, data.targets[train], 1.0, emb[train] if emb is not None else None, layer)
+            pred = head.predict([data.replies[i] for i in test], emb[test] if emb is not None else None)
+            per_fold.append(fold_metrics(data, pred, train, test))
+        cells = [
+            f"{k} {np.mean([r[k] for r in per_fold]):.3f} ± {np.std([r[k] for r in per_fold]):.3f}" for k in per_fold[0]
+        ]
+        print(f"| {name:10s} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    train = load_params(ROOT / "params.yaml").train
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", nargs="+", choices=["sample", "bea"], default=["sample", "bea"])
+    parser.add_argument("--bea-file", type=Path, default=BEA)
+    parser.add_argument("--bea-dialogues", type=int, default=0, help="seeded subset of bea dialogues (0: all)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[6, 8, 10, 12])
+    parser.add_argument("--backbone", default=train.backbone)
+    parser.add_argument("--max-length", type=int, default=train.max_length)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    backbone = resolve_backbone(args.backbone, ROOT / "models" / "backbones")
+    for name in args.dataset:
+        data = load_sample() if name == "sample" else load_bea(args.bea_file, args.bea_dialogues, args.seed)
+        if data is None:
+            continue
+        embeddings = embeddings_by_layer(data, backbone, args.layers, args.max_length)
+        sets = ["char", *(f"char+e{n}" for n in args.layers)]
+        run(data, sets, embeddings, args.folds, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
