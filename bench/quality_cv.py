@@ -58,7 +58,13 @@ from bea2025 import DIMENSIONS, records_and_labels, three_class_scores  # noqa: 
 
 from fluent_reward.config import load_params  # noqa: E402
 from fluent_reward.evaluate import char_tfidf_ridge_baseline  # noqa: E402
-from fluent_reward.model import encode_batch, format_segments, resolve_backbone, split_turns  # noqa: E402
+from fluent_reward.model import (  # noqa: E402
+    encode_batch,
+    format_segments,
+    model_reply_embeddings,
+    resolve_backbone,
+    split_turns,
+)
 from fluent_reward.ngram import fit_ngram_head  # noqa: E402
 
 BEA = ROOT.parent / "shared" / "datasets" / "bea2025_dev" / "dev_partA.json"
@@ -424,11 +430,25 @@ def tfidf_ridge(data: Dataset, y: np.ndarray, train: np.ndarray, test: np.ndarra
     return char_tfidf_ridge_baseline([data.replies[i] for i in train], y[train], [data.replies[i] for i in test])
 
 
-def ngram_head(data: Dataset, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """The model's n-gram head (``fluent_reward.ngram``: the baseline stretched to the targets' spread), as
-    ``train`` fits it, on every standardised target: what each recipe's transformer is blended with."""
-    head = fit_ngram_head([data.replies[i] for i in train], y[train], weight=1.0)
-    return head.predict([data.replies[i] for i in test])
+def ngram_head(
+    data: Dataset, y: np.ndarray, train: np.ndarray, test: np.ndarray, embedding: tuple[int, np.ndarray] | None
+) -> np.ndarray:
+    """The model's n-gram head (``fluent_reward.ngram``: the baseline stretched to the targets' spread, with
+    ``embedding`` = (layer, every reply's embedding) the reply embedding too), as ``train`` fits it, on every
+    standardised target: what each recipe's transformer is blended with."""
+    layer, emb = embedding if embedding is not None else (None, None)
+    fitted = fit_ngram_head(
+        [data.replies[i] for i in train], y[train], 1.0, emb[train] if emb is not None else None, layer
+    )
+    return fitted.predict([data.replies[i] for i in test], emb[test] if emb is not None else None)
+
+
+def reply_embedding(data: Dataset, backbone: str, layer: int | None, max_length: int) -> tuple[int, np.ndarray] | None:
+    """(layer, the replies' embeddings from the unchanged backbone: what a trained model's frozen layers give)."""
+    if layer is None:
+        return None
+    model, tokenizer = load_classifier(backbone, 1, 0)
+    return layer, model_reply_embeddings(model.eval(), tokenizer, data.replies, layer, max_length, 32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -492,7 +512,12 @@ def summarise(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_dataset(
-    data: Dataset, recipes: list[Recipe], folds: int, seed: int, ngram_weights: list[float]
+    data: Dataset,
+    recipes: list[Recipe],
+    folds: int,
+    seed: int,
+    ngram_weights: list[float],
+    embedding: tuple[int, np.ndarray] | None,
 ) -> list[dict[str, Any]]:
     test_sets = group_folds(data, folds, seed)
     everything = np.arange(len(data.replies))
@@ -505,7 +530,8 @@ def run_dataset(
         tfidf_ridge(data, (data.targets - m) / s, tr, te) for (tr, te), (m, s) in zip(splits, norm, strict=True)
     ]
     head_preds = [
-        ngram_head(data, (data.targets - m) / s, tr, te) for (tr, te), (m, s) in zip(splits, norm, strict=True)
+        ngram_head(data, (data.targets - m) / s, tr, te, embedding)
+        for (tr, te), (m, s) in zip(splits, norm, strict=True)
     ]
     baseline = [
         fold_metrics(data, p, m, s, tr, te) for p, (tr, te), (m, s) in zip(baseline_preds, splits, norm, strict=True)
@@ -530,9 +556,10 @@ def run_dataset(
                 per_weight[w].append(fold_metrics(data, (1 - w) * pred + w * head_preds[f], m, s, train, test))
         seconds = time.perf_counter() - started
         for w, results in per_weight.items():
-            row = {"dataset": data.name, "recipe": f"{r.label()} ng{w:g}", **summarise(results), "seconds": seconds}
+            head = f"ng{w:g}" + (f"+e{embedding[0]}" if embedding is not None and w > 0 else "")
+            row = {"dataset": data.name, "recipe": f"{r.label()} {head}", **summarise(results), "seconds": seconds}
             row["dims_won"] = int(sum(a > b for a, b in zip(row["dims"], rows[0]["dims"], strict=True)))
-            row["config"] = {**r.__dict__, "ngram_weight": w}
+            row["config"] = {**r.__dict__, "ngram_weight": w, "ngram_embedding_layer": embedding and embedding[0]}
             rows.append(row)
             _print_row(row)
             _record(row, folds, len(data.replies))
@@ -604,6 +631,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=sorted({0.0, train.ngram_weight}),
         help="n-gram head shares to score each recipe with (0 = the transformer alone; train.ngram_weight)",
     )
+    p.add_argument(
+        "--ngram-embedding-layer",
+        type=lambda v: None if v.lower() in ("none", "null") else int(v),
+        default=train.ngram_embedding_layer,
+        help="the head's reply embedding layer (train.ngram_embedding_layer; none: n-grams only)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", action="store_true", help="only print the table of the results recorded so far")
     return p.parse_args(argv)
@@ -639,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         if data is None:
             continue
         log.info("%s: %d replies in %d groups, %d folds", name, len(data.replies), len(set(data.groups)), args.folds)
-        run_dataset(data, recipes, args.folds, args.seed, args.ngram_weights)
+        embedding = reply_embedding(data, args.backbones[0], args.ngram_embedding_layer, args.max_lengths[0])
+        run_dataset(data, recipes, args.folds, args.seed, args.ngram_weights, embedding)
     return 0
 
 

@@ -590,7 +590,6 @@ class RewardModelScorer:
     def _head_embeddings(self, responses: list[str], batch_size: int) -> np.ndarray | None:
         """The reply embeddings the n-gram head reads (None if it reads none): the model's own layers, or the ONNX
         export's reply-embedding graph."""
-
         layer = self.metadata.ngram_head.embedding_layer if self.metadata.ngram_head is not None else None
         if layer is None:
             return None
