@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fluent_reward.errors import FluentRewardError
 from fluent_reward.evaluate import char_tfidf_ridge_baseline
 from fluent_reward.inference import RewardModelScorer
 from fluent_reward.io import file_sha256, read_json
-from fluent_reward.model import predict_scores
+from fluent_reward.model import model_reply_embeddings, predict_scores
 from fluent_reward.model_folder import METADATA_FILE, ModelFolderError, load_model_folder
 from fluent_reward.ngram import (
     HEAD_FILE,
@@ -104,6 +105,12 @@ def test_the_embedding_features_change_the_head_and_travel_with_it(tmp_path):
     np.testing.assert_array_equal(loaded.predict(texts, embeddings), head.predict(texts, embeddings))
     with pytest.raises(ValueError, match=r"expected \(40, 8\)"):
         loaded.predict(texts, embeddings[:, :4])
+
+
+def test_an_embedding_layer_beyond_the_backbone_is_a_clear_error(folder):
+    model, tokenizer, _ = load_model_folder(folder)
+    with pytest.raises(FluentRewardError, match=r"ngram_embedding_layer=5: the backbone has 2 layers"):
+        model_reply_embeddings(model, tokenizer, ["Très bien !"], 5, 64, 8)
 
 
 def test_a_saved_head_loads_back_identical(tmp_path):
