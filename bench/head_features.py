@@ -26,42 +26,35 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "scripts"), str(ROOT / "src")]
 
-from bea2025 import three_class_scores  # noqa: E402
-from quality_cv import BEA, Dataset, group_folds, load_bea, load_sample, spearman  # noqa: E402
+from quality_cv import (  # noqa: E402
+    BEA,
+    Dataset,
+    fold_metrics,
+    group_folds,
+    load_bea,
+    load_classifier,
+    load_sample,
+    summarise,
+)
 
 from fluent_reward.config import load_params  # noqa: E402
-from fluent_reward.evaluate import best_of_n_gain, pairwise_accuracy  # noqa: E402
-from fluent_reward.model import model_reply_embeddings, resolve_backbone  # noqa: E402
+from fluent_reward.model import model_reply_embeddings  # noqa: E402
 from fluent_reward.ngram import fit_ngram_head  # noqa: E402
-from fluent_reward.train import load_backbone_model  # noqa: E402
 
 log = logging.getLogger("head_features")
+COLUMNS = ("spearman", "pairwise", "bon_gain", "dim_spearman", "mi_f1", "mi_f1_prior")
 
 
 def embeddings_by_layer(data: Dataset, backbone: str, layers: list[int], max_length: int) -> dict[int, np.ndarray]:
-    model, tokenizer, _ = load_backbone_model(backbone, ["overall"], ROOT / "models" / "backbones")
+    model, tokenizer = load_classifier(backbone, 1, 0)
     model.eval()
     return {n: model_reply_embeddings(model, tokenizer, data.replies, n, max_length, 32) for n in layers}
-
-
-def fold_metrics(data: Dataset, pred: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict[str, float]:
-    judge, groups = data.targets[test], [data.groups[i] for i in test]
-    row = {
-        "spearman": spearman(pred[:, 0], judge[:, 0]),
-        "pairwise": pairwise_accuracy(judge[:, 0], pred[:, 0], groups, 0.5)[0],
-        "bon_gain": best_of_n_gain(judge[:, 0], pred[:, 0], groups)[0],
-        "dim_spearman": float(np.mean([spearman(pred[:, k], judge[:, k]) for k in range(1, judge.shape[1])])),
-    }
-    if data.mi_index is not None:
-        k = data.mi_index
-        f1 = three_class_scores(judge[:, k], pred[:, k], data.targets[train, k])
-        row |= {"mi_f1": f1["fixed"], "mi_f1_prior": f1["prior"]}
-    return row
 
 
 def run(data: Dataset, sets: list[str], embeddings: dict[int, np.ndarray], folds: int, seed: int) -> None:
     tests = group_folds(data, folds, seed)
     everything = np.arange(len(data.replies))
+    zeros, ones = np.zeros(data.targets.shape[1]), np.ones(data.targets.shape[1])
     print(f"\n{data.name} ({len(data.replies)} replies, {len(set(data.groups))} groups, {folds} folds)")
     for name in sets:
         layer = int(name.split("+e")[-1]) if "+e" in name else None
@@ -72,10 +65,10 @@ def run(data: Dataset, sets: list[str], embeddings: dict[int, np.ndarray], folds
             emb = embeddings[layer] if layer is not None else None
             head = fit_ngram_head(replies, data.targets[train], 1.0, emb[train] if emb is not None else None, layer)
             pred = head.predict([data.replies[i] for i in test], emb[test] if emb is not None else None)
-            per_fold.append(fold_metrics(data, pred, train, test))
-        cells = [
-            f"{k} {np.mean([r[k] for r in per_fold]):.3f} ± {np.std([r[k] for r in per_fold]):.3f}" for k in per_fold[0]
-        ]
+            # quality_cv's metrics take standardised predictions: judge-scale ones pass with mean 0, std 1
+            per_fold.append(fold_metrics(data, pred, zeros, ones, train, test))
+        summary = summarise(per_fold)
+        cells = [f"{k} {summary[k][0]:.3f} ± {summary[k][1]:.3f}" for k in COLUMNS if k in summary]
         print(f"| {name:10s} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -92,12 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    backbone = resolve_backbone(args.backbone, ROOT / "models" / "backbones")
     for name in args.dataset:
         data = load_sample() if name == "sample" else load_bea(args.bea_file, args.bea_dialogues, args.seed)
         if data is None:
             continue
-        embeddings = embeddings_by_layer(data, backbone, args.layers, args.max_length)
+        embeddings = embeddings_by_layer(data, args.backbone, args.layers, args.max_length)
         sets = ["char", *(f"char+e{n}" for n in args.layers)]
         run(data, sets, embeddings, args.folds, args.seed)
     return 0
