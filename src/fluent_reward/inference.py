@@ -46,7 +46,7 @@ from fluent_reward.io import atomic_open
 from fluent_reward.model import (
     cpu_has_native_bf16,
     encode_batch,
-    model_reply_embeddings,
+    head_embeddings,
     reply_embeddings,
     split_turns,
 )
@@ -590,19 +590,14 @@ class RewardModelScorer:
     def _head_embeddings(self, responses: list[str], batch_size: int) -> np.ndarray | None:
         """The reply embeddings the n-gram head reads (None if it reads none): the model's own layers, or the ONNX
         export's reply-embedding graph."""
-        layer = self.metadata.ngram_head.embedding_layer if self.metadata.ngram_head is not None else None
-        if layer is None:
-            return None
-        if self._reply_session is not None:
-            session, names = self._reply_session, self._onnx_inputs
+        if self._reply_session is None:  # torch, or a head without an embedding
+            return head_embeddings(self.model, self.tokenizer, self.metadata, responses, batch_size)
+        session, names = self._reply_session, self._onnx_inputs
 
-            def pooled(batch: dict[str, torch.Tensor]) -> Any:
-                return session.run(None, {name: batch[name].numpy() for name in names})[0]
+        def pooled(batch: dict[str, torch.Tensor]) -> Any:
+            return session.run(None, {name: batch[name].numpy() for name in names})[0]
 
-            return reply_embeddings(pooled, self.tokenizer, responses, self.metadata.max_length, batch_size)
-        return model_reply_embeddings(
-            self.model, self.tokenizer, responses, layer, self.metadata.max_length, batch_size
-        )
+        return reply_embeddings(pooled, self.tokenizer, responses, self.metadata.max_length, batch_size)
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> Any:
         if self._compiled is not None:
