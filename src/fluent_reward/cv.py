@@ -201,9 +201,8 @@ def run_fingerprint(params: Params) -> str:
     """What one fold's predictions depend on besides the fold and the fraction: the data, the settings that shape
     training and the folds, and the code. A finished run with the same fingerprint is reused, not retrained."""
     package = Path(__file__).parent
-    code = [
-        file_sha256(package / name) for name in ("cv.py", "train.py", "model.py", "evaluate.py", "data.py", "ngram.py")
-    ]
+    modules = ("cv.py", "train.py", "model.py", "frozen_prefix.py", "evaluate.py", "data.py", "ngram.py")
+    code = [file_sha256(package / name) for name in modules]
     return stable_hash(
         training_data_sha256(params.data.judgments, params.data.validated),
         code,

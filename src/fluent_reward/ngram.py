@@ -75,7 +75,7 @@ class NgramHead:
 
     vocabulary: list[str]  # n-grams in feature order
     idf: np.ndarray  # (n_features,)
-    coef: np.ndarray  # (n_labels, n_features)
+    coef: np.ndarray  # (n_labels, n_features + embedding_size)
     intercept: np.ndarray  # (n_labels,)
     weight: float  # share of the blended score: (1 - weight) * transformer + weight * this head
     embedding_layer: int | None = None  # also reads the reply's mean-pooled hidden states after this encoder layer
