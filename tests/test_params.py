@@ -50,6 +50,8 @@ def test_every_setting_survives_dvc_exp_run_set_param(tmp_path):
         ("score.fast=true", ("score", "fast"), True),
         ("train.frozen_cache=false", ("train", "frozen_cache"), False),
         ("train.ngram_embedding_layer=null", ("train", "ngram_embedding_layer"), None),
+        ("train.attention_dropout=0", ("train", "attention_dropout"), 0.0),
+        ("train.attention_dropout=null", ("train", "attention_dropout"), None),
         ("judge.prompt_cache_ttl=1h", ("judge", "prompt_cache_ttl"), "1h"),
         ("score.device=cuda:1", ("score", "device"), "cuda:1"),
         ("judge.max_budget_usd=null", ("judge", "max_budget_usd"), None),
@@ -195,6 +197,7 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("score.batch_size=0", r"score\.batch_size: Input should be greater than or equal to 1"),
         ("judge.max_budget_usd=nan", r"judge\.max_budget_usd: Input should be a finite number"),
         ("train.warmup_ratio=-inf", r"train\.warmup_ratio: Input should be a finite number"),
+        ("train.attention_dropout=1", r"train\.attention_dropout: Input should be less than 1"),
         (
             "train.freeze_layers=4",
             r"train\.ngram_embedding_layer=6 must be a frozen layer: at most train\.freeze_layers \(4\)",

@@ -25,8 +25,10 @@ from fluent_reward.model_folder import METADATA_FILE, ModelMetadata
 from fluent_reward.splits import SPLITS, make_splits
 from fluent_reward.train import (
     LOG_FILE,
+    attention_dropout_override,
     fit_normalisation,
     group_batches,
+    load_backbone_model,
     optimizer_steps,
     pairwise_loss,
     plan_epochs,
@@ -304,6 +306,36 @@ def test_every_trainable_parameter_moves_and_every_frozen_one_stays(trained, tmp
     saved = load_file(Path(params.data.model_dir) / "model.safetensors")
     for name in trained_now.keys() - {n for n in trained_now if n.startswith("classifier.")}:
         assert torch.equal(saved[name], trained_now[name].detach().cpu()), name
+
+
+@pytest.mark.parametrize("dropout", [None, 0.0, 0.5])
+def test_attention_dropout_is_what_the_attention_layers_use(tmp_path, dropout):
+    backbone = make_learnable_backbone(tmp_path / "backbone")  # BERT's own attention dropout: 0.1
+    model, _, _ = load_backbone_model(str(backbone), ["overall", "clarity"], None, dropout)
+    assert model.config.attention_probs_dropout_prob == (0.1 if dropout is None else dropout)
+    for name, module in model.named_modules():  # every other dropout off: only the attention's can vary the output
+        if isinstance(module, torch.nn.Dropout) and not name.endswith("attention.self.dropout"):
+            module.p = 0.0
+    model.train()
+    ids = torch.randint(5, 1000, (3, 16))
+    first, second = (model(input_ids=ids).logits for _ in range(2))
+    assert torch.equal(first, second) == (dropout == 0.0)
+
+
+def test_training_with_attention_dropout_off_saves_it(trained, tmp_path):
+    _, _, backbone = trained
+    params = tiny_project(tmp_path, backbone, epochs=1, attention_dropout=0.0)
+    assert run_train(params, progress=False).model.config.attention_probs_dropout_prob == 0.0
+    assert read_json(Path(params.data.model_dir) / "config.json")["attention_probs_dropout_prob"] == 0.0
+
+
+def test_attention_dropout_on_a_backbone_without_one_is_a_clear_error(tmp_path):
+    from transformers import GPT2Config  # its attention dropout is "attn_pdrop", a name of its own
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    assert attention_dropout_override(str(tmp_path), None) == {}
+    with pytest.raises(FluentRewardError, match=r"train\.attention_dropout=0\.0: .*no attention dropout setting"):
+        attention_dropout_override(str(tmp_path), 0.0)
 
 
 def test_errors_are_clear(trained, tmp_path):

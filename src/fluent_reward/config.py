@@ -282,6 +282,12 @@ class TrainConfig(_Section):
         ge=0, description="torch CPU threads (0: the CPUs this process may use / processes); restored afterwards"
     )
     max_grad_norm: float = Field(ge=0, description="gradient clipping norm (0: off)")
+    attention_dropout: float | None = Field(
+        ge=0,
+        lt=1,
+        description="dropout on the attention probabilities of the trained layers (null: the backbone's own). 0 "
+        "lets PyTorch use its fused attention kernel",
+    )
     freeze_embeddings: bool = Field(description="freeze the token and position embeddings")
     freeze_layers: int = Field(ge=0, description="freeze the lowest N transformer layers (0: train all)")
     frozen_cache: bool = Field(

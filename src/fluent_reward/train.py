@@ -196,9 +196,10 @@ def pairwise_loss(
 
 
 def load_backbone_model(
-    backbone: str, labels: Sequence[str], backbones_dir: Path | None = None
+    backbone: str, labels: Sequence[str], backbones_dir: Path | None = None, attention_dropout: float | None = None
 ) -> tuple[Any, Any, list[str]]:
-    """(model, tokenizer, names of newly initialised parameters) for a regression model with one logit per label.
+    """(model, tokenizer, names of newly initialised parameters) for a regression model with one logit per label;
+    ``attention_dropout``: the dropout on its attention probabilities (None: the backbone's own).
 
     Safetensors weights only, never remote code. A local folder, a packaged or converted backbone (converted ones
     live in ``backbones_dir``) or a hub id (needs a hub).
@@ -209,8 +210,10 @@ def load_backbone_model(
     try:
         with quiet_transformers():  # its load report lists the new head as "missing": expected, not news
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            overrides = attention_dropout_override(path, attention_dropout)
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path,
+                **overrides,
                 num_labels=len(labels),
                 problem_type="regression",
                 id2label=dict(enumerate(labels)),
@@ -224,6 +227,27 @@ def load_backbone_model(
             f"train.backbone '{backbone}' ({path}): cannot load it as a safetensors model + tokenizer: {exc}"
         ) from None
     return model, tokenizer, sorted(info.get("missing_keys", []))
+
+
+# The config keys that set attention-probability dropout, by architecture family (BERT, XLM-R, MPNet, DeBERTa...;
+# DistilBERT and others)
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def attention_dropout_override(path: str, attention_dropout: float | None) -> dict[str, float]:
+    """``from_pretrained`` keyword setting the backbone's attention dropout to ``attention_dropout`` (None: none)."""
+    from transformers import AutoConfig
+
+    if attention_dropout is None:
+        return {}
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    for key in ATTENTION_DROPOUT_KEYS:
+        if hasattr(config, key):
+            return {key: attention_dropout}
+    raise FluentRewardError(
+        f"train.attention_dropout={attention_dropout}: backbone {path} ({config.model_type}) has no attention "
+        f"dropout setting ({' or '.join(ATTENTION_DROPOUT_KEYS)}); set train.attention_dropout to null"
+    )
 
 
 def freeze(model: Any, embeddings: bool, layers: int) -> list[Any]:
@@ -701,7 +725,7 @@ def fit(
         accelerator = make_accelerator(resolve_precision(cfg.mixed_precision))
         set_seed(cfg.seed)
         model, tokenizer, new_params = load_backbone_model(
-            cfg.backbone, [OVERALL, *rubric.names], params.data.backbones
+            cfg.backbone, [OVERALL, *rubric.names], params.data.backbones, cfg.attention_dropout
         )
         frozen = freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
         model.to(accelerator.device)
