@@ -15,6 +15,9 @@ Then the pipeline runs on it stage by stage (docs/TRAINING.md, "Real data: BEA 2
 
     .venv/bin/python scripts/bea2025.py path/to/bea2025_dev/dev_partA.json outputs/bea
     for stage in validate judge train evaluate; do .venv/bin/fluent-reward --params outputs/bea/params.yaml $stage; done
+
+and the shared task's 3-class macro-F1 comes from evaluate's predictions (``--f1``, the test split) or from a finished
+``fluent-reward cv`` of the project (``--cv-f1``, every system, mean and spread over the folds).
 """
 
 from __future__ import annotations
@@ -142,18 +145,86 @@ def three_class_f1(predictions: Path, split: str = "test") -> dict[str, dict[str
     }
 
 
+def cv_three_class_f1(params_path: Path) -> dict[str, Any]:
+    """The shared task's metric from a finished ``fluent-reward cv`` of the project ``params_path``: for every
+    system in its fold checkpoints (the reward model, its transformer alone, the baselines) and every dimension, the
+    mean and standard deviation over folds of ``three_class_scores`` of the fold's out-of-fold scores, the "prior"
+    cuts taken from the records outside the fold. Reads the full-data runs (``fold<k>_100pct.json``) only."""
+    from fluent_reward.config import load_params
+    from fluent_reward.cv import CHECKPOINT_DIR, fraction_key
+    from fluent_reward.data import load_judged_records
+    from fluent_reward.errors import FluentRewardError
+    from fluent_reward.io import read_json
+    from fluent_reward.model import target_matrix
+
+    params = load_params(params_path)
+    folder = Path(params.data.logs_dir) / CHECKPOINT_DIR
+    files = sorted(folder.glob(f"fold*_{fraction_key(1.0)}.json"))
+    if not files:
+        raise FluentRewardError(f"{folder}: no finished cross-validation runs (run `fluent-reward cv` first)")
+    records = load_judged_records(params.data.validated, params.data.judgments, params.rubric)
+    names = params.rubric.names
+    judge = target_matrix(records, names)  # column 0: overall, then the dimensions in rubric order
+    index = {r["id"]: i for i, r in enumerate(records)}
+    per_fold: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for path in files:
+        run = read_json(path)
+        unknown = [i for i in run["ids"] if i not in index]
+        if unknown:
+            raise FluentRewardError(f"{path}: record {unknown[0]!r} is not in {params.data.validated}")
+        rows = np.array([index[i] for i in run["ids"]])
+        rest = np.setdiff1d(np.arange(len(records)), rows)
+        for system, values in run["scores"].items():
+            scores = np.asarray(values, dtype=float)
+            for d, name in enumerate(names, start=1):
+                per_fold.setdefault(system, {}).setdefault(name, []).append(
+                    three_class_scores(judge[rows, d], scores[:, d], judge[rest, d])
+                )
+
+    def summary(folds: list[dict[str, float]]) -> dict[str, float]:
+        out = {}
+        for kind in ("fixed", "prior"):
+            values = np.array([f[kind] for f in folds])
+            out[kind] = round(float(values.mean()), 4)
+            out[f"{kind}_std"] = round(float(values.std(ddof=1)), 4) if len(values) > 1 else 0.0
+        return out
+
+    return {
+        "folds": len(files),
+        "systems": {s: {name: summary(f) for name, f in dims.items()} for s, dims in per_fold.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "source",
         type=Path,
         help="the BEA 2025 JSON file (e.g. dev_partA.json), or with --f1 the "
-        "predictions CSV evaluate wrote (data.predictions)",
+        "predictions CSV evaluate wrote (data.predictions), or with --cv-f1 the project's params file",
     )
     parser.add_argument("out", type=Path, nargs="?", help="folder for the project files (e.g. outputs/bea)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the settings to start from")
     parser.add_argument("--f1", action="store_true", help="print the test split's 3-class macro-F1 per dimension")
+    parser.add_argument(
+        "--cv-f1",
+        action="store_true",
+        help="print the 3-class macro-F1 per system and dimension, mean and std over the folds of the finished "
+        "`fluent-reward cv` of the project whose params file is SOURCE (e.g. outputs/bea/params.yaml)",
+    )
     args = parser.parse_args(argv)
+    if args.cv_f1:
+        from fluent_reward.errors import FluentRewardError
+
+        if not args.source.is_file():
+            print(f"error: {args.source}: not found", file=sys.stderr)
+            return 2
+        try:
+            print(json.dumps(cv_three_class_f1(args.source), indent=1))
+        except FluentRewardError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.f1:
         if not args.source.is_file():
             print(f"error: {args.source}: not found", file=sys.stderr)

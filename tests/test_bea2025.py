@@ -109,3 +109,39 @@ def test_three_class_f1_hand_values(tmp_path):
     assert f1["Mistake_Identification"]["fixed"] == round((0 + 0.4 + 0) / 3, 4)
     # prior cuts at the 25% and 50% quantiles of the test predictions: No, To some extent, Yes, Yes -> all right
     assert f1["Actionability"]["prior"] == 1.0
+
+
+def test_cv_f1_from_the_fold_checkpoints_hand_values(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    out = tmp_path / "bea"
+    subprocess.run([sys.executable, str(SCRIPT), str(_bea_file(tmp_path / "dev.json")), str(out)], cwd=REPO, check=True)
+    monkeypatch.chdir(REPO)
+    params_file = out / "params.yaml"
+    assert cli(["--params", str(params_file), "validate"]) == 0
+    assert cli(["--params", str(params_file), "judge"]) == 0
+
+    def run_f1() -> subprocess.CompletedProcess:
+        command = [sys.executable, str(SCRIPT), str(params_file), "--cv-f1"]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+
+    done = run_f1()
+    assert done.returncode == 2 and "no finished cross-validation runs" in done.stderr
+    # two folds, one dialogue each; "exact" predicts the labels, "middle" says "To some extent" for everything
+    folder = load_params(params_file).data.logs_dir / "cv"
+    folder.mkdir(parents=True)
+    labels = {j["id"]: j["scores"] for j in read_json(out / "reference" / "bea2025_labels.json")["judgments"]}
+    for fold, ids in enumerate((["d1-1", "d1-2"], ["d2-1", "d2-2"]), start=1):
+        exact = [[5.0, *(labels[i][d] for d in DIMS)] for i in ids]
+        scores = {"exact": exact, "middle": [[5.5] * 5 for _ in ids]}
+        (folder / f"fold{fold}_100pct.json").write_text(json.dumps({"ids": ids, "scores": scores}), encoding="utf-8")
+    (folder / "fold1_50pct.json").write_text(json.dumps({"ids": ["nope"], "scores": {}}), encoding="utf-8")
+    done = run_f1()
+    assert done.returncode == 0, done.stderr
+    f1 = json.loads(done.stdout)
+    assert f1["folds"] == 2
+    mi = f1["systems"]["exact"]["Mistake_Identification"]
+    # fold 1 (Yes, No) and fold 2 (Yes, To some extent): two of the three classes right, the third absent -> 2/3
+    assert mi["fixed"] == round(2 / 3, 4) and mi["fixed_std"] == 0.0
+    middle = f1["systems"]["middle"]["Mistake_Identification"]
+    # fold 1: all predicted "To some extent", none is -> 0; fold 2: that class's F1 2/3, the others 0 -> 2/9
+    assert middle["fixed"] == round(1 / 9, 4) and middle["fixed_std"] == round((2 / 9) / 2**0.5, 4)
