@@ -31,9 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from fluent_reward.config import read_yaml
-from fluent_reward.io import atomic_open, write_json
-from fluent_reward.model import split_turns
+from fluent_reward.config import load_params, read_yaml
+from fluent_reward.cv import CHECKPOINT_DIR, fraction_key
+from fluent_reward.data import load_judged_records
+from fluent_reward.errors import FluentRewardError
+from fluent_reward.io import atomic_open, read_json, write_json
+from fluent_reward.model import split_turns, target_matrix
 
 DIMENSIONS = {
     "Mistake_Identification": "Has the tutor identified a mistake in the student's latest response?",
@@ -150,15 +153,8 @@ def cv_three_class_f1(params_path: Path) -> dict[str, Any]:
     system in its fold checkpoints (the reward model, its transformer alone, the baselines) and every dimension, the
     mean and standard deviation over folds of ``three_class_scores`` of the fold's out-of-fold scores, the "prior"
     cuts taken from the records outside the fold. Reads the full-data runs (``fold<k>_100pct.json``) only."""
-    from fluent_reward.config import load_params
-    from fluent_reward.cv import CHECKPOINT_DIR, fraction_key
-    from fluent_reward.data import load_judged_records
-    from fluent_reward.errors import FluentRewardError
-    from fluent_reward.io import read_json
-    from fluent_reward.model import target_matrix
-
     params = load_params(params_path)
-    folder = Path(params.data.logs_dir) / CHECKPOINT_DIR
+    folder = params.data.logs_dir / CHECKPOINT_DIR
     files = sorted(folder.glob(f"fold*_{fraction_key(1.0)}.json"))
     if not files:
         raise FluentRewardError(f"{folder}: no finished cross-validation runs (run `fluent-reward cv` first)")
@@ -213,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         "`fluent-reward cv` of the project whose params file is SOURCE (e.g. outputs/bea/params.yaml)",
     )
     args = parser.parse_args(argv)
+    if not (args.f1 or args.cv_f1) and args.out is None:
+        parser.error("the output folder is needed (bea2025.py SOURCE OUT)")
+    if not args.source.is_file():
+        print(f"error: {args.source}: not found", file=sys.stderr)
+        return 2
     if args.cv_f1:
-        from fluent_reward.errors import FluentRewardError
-
-        if not args.source.is_file():
-            print(f"error: {args.source}: not found", file=sys.stderr)
-            return 2
         try:
             print(json.dumps(cv_three_class_f1(args.source), indent=1))
         except FluentRewardError as err:
@@ -226,16 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.f1:
-        if not args.source.is_file():
-            print(f"error: {args.source}: not found", file=sys.stderr)
-            return 2
         print(json.dumps(three_class_f1(args.source), indent=1))
         return 0
-    if args.out is None:
-        parser.error("the output folder is needed (bea2025.py SOURCE OUT)")
-    if not args.source.is_file():
-        print(f"error: {args.source}: not found", file=sys.stderr)
-        return 2
     records, labels = records_and_labels(json.loads(args.source.read_text(encoding="utf-8")))
     write_json(args.out / "conversations.json", records)
     write_json(
