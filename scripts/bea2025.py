@@ -17,7 +17,8 @@ Then the pipeline runs on it stage by stage (docs/TRAINING.md, "Real data: BEA 2
     for stage in validate judge train evaluate; do .venv/bin/fluent-reward --params outputs/bea/params.yaml $stage; done
 
 and the shared task's 3-class macro-F1 comes from evaluate's predictions (``--f1``, the test split) or from a finished
-``fluent-reward cv`` of the project (``--cv-f1``, every system, mean and spread over the folds).
+``fluent-reward cv`` of the project (``--cv-f1``, every system, mean and spread over the folds; ``--fraction 0.5``
+for the runs of a learning-curve point).
 """
 
 from __future__ import annotations
@@ -148,16 +149,20 @@ def three_class_f1(predictions: Path, split: str = "test") -> dict[str, dict[str
     }
 
 
-def cv_three_class_f1(params_path: Path) -> dict[str, Any]:
+def cv_three_class_f1(params_path: Path, fraction: float = 1.0) -> dict[str, Any]:
     """The shared task's metric from a finished ``fluent-reward cv`` of the project ``params_path``: for every
     system in its fold checkpoints (the reward model, its transformer alone, the baselines) and every dimension, the
     mean and standard deviation over folds of ``three_class_scores`` of the fold's out-of-fold scores, the "prior"
-    cuts taken from the records outside the fold. Reads the full-data runs (``fold<k>_100pct.json``) only."""
+    cuts taken from the records outside the fold. Reads the runs trained on ``fraction`` of each fold's training
+    groups (``fold<k>_<pct>.json``; 1.0: the full-data runs, else a learning-curve point of ``cv.fractions``)."""
     params = load_params(params_path)
     folder = params.data.logs_dir / CHECKPOINT_DIR
-    files = sorted(folder.glob(f"fold*_{fraction_key(1.0)}.json"))
+    files = sorted(folder.glob(f"fold*_{fraction_key(fraction)}.json"))
     if not files:
-        raise FluentRewardError(f"{folder}: no finished cross-validation runs (run `fluent-reward cv` first)")
+        raise FluentRewardError(
+            f"{folder}: no finished cross-validation runs on {fraction:g} of the training groups "
+            "(run `fluent-reward cv` first; its cv.fractions name the shares it trains on)"
+        )
     records = load_judged_records(params.data.validated, params.data.judgments, params.rubric)
     names = params.rubric.names
     judge = target_matrix(records, names)  # column 0: overall, then the dimensions in rubric order
@@ -186,6 +191,7 @@ def cv_three_class_f1(params_path: Path) -> dict[str, Any]:
         return out
 
     return {
+        "fraction": fraction,
         "folds": len(files),
         "systems": {s: {name: summary(f) for name, f in dims.items()} for s, dims in per_fold.items()},
     }
@@ -208,7 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         help="print the 3-class macro-F1 per system and dimension, mean and std over the folds of the finished "
         "`fluent-reward cv` of the project whose params file is SOURCE (e.g. outputs/bea/params.yaml)",
     )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=1.0,
+        help="with --cv-f1: the runs trained on this share of each fold's training groups (one of cv.fractions, "
+        "e.g. 0.5: a point of the learning curve); default 1.0",
+    )
     args = parser.parse_args(argv)
+    if args.fraction != 1.0 and not args.cv_f1:
+        parser.error("--fraction goes with --cv-f1")
     if not (args.f1 or args.cv_f1) and args.out is None:
         parser.error("the output folder is needed (bea2025.py SOURCE OUT)")
     if not args.source.is_file():
@@ -216,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cv_f1:
         try:
-            print(json.dumps(cv_three_class_f1(args.source), indent=1))
+            print(json.dumps(cv_three_class_f1(args.source, args.fraction), indent=1))
         except FluentRewardError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

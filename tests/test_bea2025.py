@@ -120,8 +120,8 @@ def test_cv_f1_from_the_fold_checkpoints_hand_values(tmp_path, monkeypatch):
     assert cli(["--params", str(params_file), "validate"]) == 0
     assert cli(["--params", str(params_file), "judge"]) == 0
 
-    def run_f1() -> subprocess.CompletedProcess:
-        command = [sys.executable, str(SCRIPT), str(params_file), "--cv-f1"]
+    def run_f1(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(SCRIPT), str(params_file), "--cv-f1", *extra]
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
 
     done = run_f1()
@@ -138,10 +138,30 @@ def test_cv_f1_from_the_fold_checkpoints_hand_values(tmp_path, monkeypatch):
     done = run_f1()
     assert done.returncode == 0, done.stderr
     f1 = json.loads(done.stdout)
-    assert f1["folds"] == 2
+    assert f1["folds"] == 2 and f1["fraction"] == 1.0
     mi = f1["systems"]["exact"]["Mistake_Identification"]
     # fold 1 (Yes, No) and fold 2 (Yes, To some extent): two of the three classes right, the third absent -> 2/3
     assert mi["fixed"] == round(2 / 3, 4) and mi["fixed_std"] == 0.0
     middle = f1["systems"]["middle"]["Mistake_Identification"]
     # fold 1: all predicted "To some extent", none is -> 0; fold 2: that class's F1 2/3, the others 0 -> 2/9
     assert middle["fixed"] == round(1 / 9, 4) and middle["fixed_std"] == round((2 / 9) / 2**0.5, 4)
+    # a learning-curve point is read only when asked for: its broken run is named, a missing point is said so
+    done = run_f1("--fraction", "0.5")
+    assert done.returncode == 2 and "fold1_50pct.json: record 'nope' is not in" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run_f1("--fraction", "0.25")
+    assert done.returncode == 2 and "no finished cross-validation runs on 0.25 of the training groups" in done.stderr
+    exact_half = {
+        "ids": ["d1-1", "d1-2"],
+        "scores": {"exact": [[5.0, *(labels[i][d] for d in DIMS)] for i in ("d1-1", "d1-2")]},
+    }
+    (folder / "fold1_50pct.json").write_text(json.dumps(exact_half), encoding="utf-8")
+    half = json.loads(run_f1("--fraction", "0.5").stdout)
+    assert half["fraction"] == 0.5 and half["folds"] == 1
+    # fixed cuts as in fold 1 above; prior cuts from dialogue 2 (no "No" there) call fold 1's "No" "To some extent"
+    assert half["systems"]["exact"]["Mistake_Identification"] == {
+        "fixed": round(2 / 3, 4),
+        "fixed_std": 0.0,
+        "prior": round(1 / 3, 4),
+        "prior_std": 0.0,
+    }
