@@ -109,6 +109,10 @@ def test_three_class_f1_hand_values(tmp_path):
     assert f1["Mistake_Identification"]["fixed"] == round((0 + 0.4 + 0) / 3, 4)
     # prior cuts at the 25% and 50% quantiles of the test predictions: No, To some extent, Yes, Yes -> all right
     assert f1["Actionability"]["prior"] == 1.0
+    misused = subprocess.run(
+        [sys.executable, str(SCRIPT), str(path), "--f1", "--fraction", "0.5"], cwd=REPO, capture_output=True, text=True
+    )
+    assert misused.returncode == 2 and "--fraction goes with --cv-f1" in misused.stderr
 
 
 def test_cv_f1_from_the_fold_checkpoints_hand_values(tmp_path, monkeypatch):
