@@ -110,7 +110,11 @@ def test_three_class_f1_hand_values(tmp_path):
     # prior cuts at the 25% and 50% quantiles of the test predictions: No, To some extent, Yes, Yes -> all right
     assert f1["Actionability"]["prior"] == 1.0
     misused = subprocess.run(
-        [sys.executable, str(SCRIPT), str(path), "--f1", "--fraction", "0.5"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, str(SCRIPT), str(path), "--f1", "--fraction", "0.5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert misused.returncode == 2 and "--fraction goes with --cv-f1" in misused.stderr
 
@@ -134,9 +138,12 @@ def test_cv_f1_from_the_fold_checkpoints_hand_values(tmp_path, monkeypatch):
     folder = load_params(params_file).data.logs_dir / "cv"
     folder.mkdir(parents=True)
     labels = {j["id"]: j["scores"] for j in read_json(out / "reference" / "bea2025_labels.json")["judgments"]}
+
+    def exact(ids: list[str]) -> list[list[float]]:  # overall 5, then each dimension's label score
+        return [[5.0, *(labels[i][d] for d in DIMS)] for i in ids]
+
     for fold, ids in enumerate((["d1-1", "d1-2"], ["d2-1", "d2-2"]), start=1):
-        exact = [[5.0, *(labels[i][d] for d in DIMS)] for i in ids]
-        scores = {"exact": exact, "middle": [[5.5] * 5 for _ in ids]}
+        scores = {"exact": exact(ids), "middle": [[5.5] * 5 for _ in ids]}
         (folder / f"fold{fold}_100pct.json").write_text(json.dumps({"ids": ids, "scores": scores}), encoding="utf-8")
     (folder / "fold1_50pct.json").write_text(json.dumps({"ids": ["nope"], "scores": {}}), encoding="utf-8")
     done = run_f1()
@@ -155,10 +162,7 @@ def test_cv_f1_from_the_fold_checkpoints_hand_values(tmp_path, monkeypatch):
     assert "Traceback" not in done.stderr
     done = run_f1("--fraction", "0.25")
     assert done.returncode == 2 and "no finished cross-validation runs on 0.25 of the training groups" in done.stderr
-    exact_half = {
-        "ids": ["d1-1", "d1-2"],
-        "scores": {"exact": [[5.0, *(labels[i][d] for d in DIMS)] for i in ("d1-1", "d1-2")]},
-    }
+    exact_half = {"ids": ["d1-1", "d1-2"], "scores": {"exact": exact(["d1-1", "d1-2"])}}
     (folder / "fold1_50pct.json").write_text(json.dumps(exact_half), encoding="utf-8")
     half = json.loads(run_f1("--fraction", "0.5").stdout)
     assert half["fraction"] == 0.5 and half["folds"] == 1
