@@ -136,13 +136,32 @@ def test_the_schedule_counts_the_steps_every_epoch_really_runs():
     starts = np.cumsum([0, *sizes])
     groups = [list(range(starts[k], starts[k + 1])) for k in range(len(sizes))]
     lengths = [random.Random(i).randint(10, 300) for i in range(int(starts[-1]))]
-    cfg = SimpleNamespace(batch_size=4, seed=0, epochs=6, bucket_batches=8)
+    cfg = SimpleNamespace(batch_size=4, seed=0, epochs=6, bucket_batches=8, target_steps=None, grad_accum_steps=1)
     plans = plan_epochs(groups, lengths, cfg, rank=0, world=1)
+    assert len(plans) == 6
     assert len({len(p) for p in plans}) > 1  # the epochs differ (the bug: the schedule assumed they did not)
     assert optimizer_steps(plans, 1) == sum(len(p) for p in plans)
     assert optimizer_steps(plans, 4) == sum(math.ceil(len(p) / 4) for p in plans)
     for epoch, plan in enumerate(plans, start=1):
         assert plan == group_batches(groups, lengths, 4, random.Random(f"0-{epoch}"))
+
+
+def test_target_steps_plans_the_fewest_whole_epochs_that_reach_it():
+    groups = [[2 * k, 2 * k + 1] for k in range(10)]  # 20 replies in pairs: 5 batches of 4 in every epoch
+    lengths = [50] * 20
+    cfg = SimpleNamespace(batch_size=4, seed=0, epochs=6, bucket_batches=8, target_steps=11, grad_accum_steps=1)
+    full = plan_epochs(groups, lengths, SimpleNamespace(**{**vars(cfg), "target_steps": None}), rank=0, world=1)
+    assert [len(p) for p in full] == [5] * 6
+    assert plan_epochs(groups, lengths, cfg, rank=0, world=1) == full[:3]  # 10 steps fall short of 11, 15 reach it
+    cfg.target_steps = 10
+    assert len(plan_epochs(groups, lengths, cfg, rank=0, world=1)) == 2  # exactly reached
+    cfg.target_steps = 1000
+    assert len(plan_epochs(groups, lengths, cfg, rank=0, world=1)) == 6  # never more than train.epochs
+    cfg.target_steps, cfg.grad_accum_steps = 11, 2  # 3 optimizer steps per epoch (2 + 2 + 1 batches)
+    assert len(plan_epochs(groups, lengths, cfg, rank=0, world=1)) == 4
+    cfg.grad_accum_steps = 1
+    # two processes: each runs 3 of the (padded) 6 batches an epoch, and both cut at the same epoch
+    assert [len(plan_epochs(groups, lengths, cfg, rank=r, world=2)) for r in (0, 1)] == [4, 4]
 
 
 def test_collate_pads_to_the_longest_in_the_batch():
@@ -217,6 +236,7 @@ def test_run_writes_model_split_metrics_and_logs(trained):
     metrics = read_json(params.data.train_metrics)
     for key in (
         "epochs_run",
+        "planned_epochs",
         "best_epoch",
         "best_validation_spearman",
         "train_seconds",
@@ -235,6 +255,7 @@ def test_run_writes_model_split_metrics_and_logs(trained):
     useful_share = metrics["tokens_useful"] / metrics["tokens_computed"]
     assert metrics["padding_share"] == pytest.approx(1 - useful_share, abs=1e-4)
     assert [r["epoch"] for r in rows if r["event"] == "validation"] == [1, 2]
+    assert metrics["planned_epochs"] == 2  # train.epochs caps train.target_steps
 
 
 def test_only_train_groups_are_trained_on(trained):

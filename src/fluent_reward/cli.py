@@ -433,7 +433,11 @@ def _check_backbone_fits(params: Params) -> None:
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune the reward model on the judgments (split by group, accelerate)")
     p.add_argument("--backbone", help="override train.backbone: a local folder, a packaged backbone or a hub id")
-    p.add_argument("--epochs", type=positive_int, help="override train.epochs")
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        help="override train.epochs (the most epochs; train.target_steps may stop sooner)",
+    )
     p.add_argument("--seed", type=int, help="override train.seed (it also seeds the split)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

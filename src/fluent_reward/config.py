@@ -268,6 +268,11 @@ class TrainConfig(_Section):
     split: SplitRatios = Field(description="fractions of groups; whole groups, seeded, stratified by language")
     seed: int = Field(description="seeds everything: Python, NumPy, torch, the split and the batch order")
     epochs: int = Field(ge=1, description="at most this many epochs")
+    target_steps: int | None = Field(
+        ge=1,
+        description="train for the fewest whole epochs that reach this many optimizer steps, at most `epochs` (the "
+        "schedule then fits the data size: few long epochs on much data, more short ones on little); null: `epochs`",
+    )
     batch_size: int = Field(ge=1, description="replies per micro-batch (whole groups)")
     grad_accum_steps: int = Field(ge=1, description="micro-batches per optimiser step")
     lr: float = Field(gt=0, description="AdamW learning rate of the encoder")

@@ -141,8 +141,9 @@ def plan_epochs(
     group_members: Sequence[Sequence[int]], lengths: Sequence[int], cfg: TrainConfig, rank: int, world: int
 ) -> list[list[list[int]]]:
     """Every epoch's batches for this process, built up front (each epoch its own seeded shuffle), so the learning
-    rate schedule is sized from the steps that will really run."""
-    return [
+    rate schedule is sized from the steps that will really run: ``cfg.epochs`` epochs, or with ``cfg.target_steps``
+    the fewest of them whose optimizer steps reach it."""
+    plans = [
         shard_batches(
             group_batches(
                 group_members, lengths, cfg.batch_size, random.Random(f"{cfg.seed}-{epoch}"), cfg.bucket_batches
@@ -152,6 +153,13 @@ def plan_epochs(
         )
         for epoch in range(1, cfg.epochs + 1)
     ]
+    if cfg.target_steps is None:
+        return plans
+    # every process has the same number of batches per epoch (shard_batches pads), so they all cut at the same epoch
+    for n in range(1, len(plans) + 1):
+        if optimizer_steps(plans[:n], cfg.grad_accum_steps) >= cfg.target_steps:
+            return plans[:n]
+    return plans
 
 
 def optimizer_steps(plans: Sequence[Sequence[list[int]]], grad_accum_steps: int) -> int:
@@ -672,7 +680,7 @@ def start_loop(
         len(data.group_members),
         len(data.records["validation"]),
         n_trainable / 1e6,
-        cfg.epochs,
+        len(plans),
         steps,
         inputs.description,
         accelerator.mixed_precision,
@@ -795,6 +803,7 @@ def fit_metrics(loop: Loop, best: dict[str, Any], history: list[dict[str, Any]],
     world = loop.accelerator.num_processes
     return {
         "epochs_run": len(history),
+        "planned_epochs": len(loop.plans),
         "best_epoch": best["epoch"],
         "best_validation_spearman": round(best["spearman"], 4),
         "optimizer_steps": loop.step,
