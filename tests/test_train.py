@@ -329,6 +329,19 @@ def test_every_trainable_parameter_moves_and_every_frozen_one_stays(trained, tmp
         assert torch.equal(saved[name], trained_now[name].detach().cpu()), name
 
 
+def test_target_steps_cuts_the_run_and_its_schedule(trained, tmp_path):
+    _, _, backbone = trained
+    params = tiny_project(tmp_path, backbone, epochs=5, target_steps=1)  # one epoch's steps already reach it
+    result = run_train(params, progress=False)
+    metrics = read_json(params.data.train_metrics)
+    assert metrics["planned_epochs"] == metrics["epochs_run"] == 1 and len(result.seen_ids) == 1
+    assert metrics["optimizer_steps"] == metrics["planned_optimizer_steps"] > 1
+    rows = [json.loads(line) for line in (Path(params.data.logs_dir) / LOG_FILE).read_text().splitlines()]
+    steps = [r for r in rows if r["event"] == "step"]
+    assert steps[-1]["lr"]["encoder"] == 0.0  # the schedule decays over the one planned epoch, not over five
+    assert [r["epoch"] for r in rows if r["event"] == "validation"] == [1]
+
+
 @pytest.mark.parametrize("dropout", [None, 0.0, 0.5])
 def test_attention_dropout_is_what_the_attention_layers_use(tmp_path, dropout):
     backbone = make_learnable_backbone(tmp_path / "backbone")  # BERT's own attention dropout: 0.1
