@@ -76,6 +76,16 @@ def test_fold_plan_nested_subsets_and_disjoint_roles():
     assert sorted(tested) == sorted(groups)  # each group predicted by exactly one fold
 
 
+def test_validation_share_zero_trains_on_every_other_group():
+    groups = {f"g{i}": ("French", "Korean")[i % 2] for i in range(N_GROUPS)}
+    fold_of = assign_folds(groups, 3, seed=0)
+    for fold in range(3):
+        with_validation, without = (plan_fold(groups, fold_of, fold, _cv(share=s)) for s in (0.15, 0.0))
+        assert without.test == with_validation.test and without.validation == []
+        assert sorted(without.train[1.0]) == sorted(with_validation.train[1.0] + with_validation.validation)
+        assert set(without.train[0.5]) <= set(without.train[1.0]) and len(without.train[0.5]) == 4
+
+
 def test_fold_with_no_training_group_is_refused():
     groups = {"a": "x", "b": "x"}
     with pytest.raises(Exception, match="leaves 1 group"):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from fluent_reward.config import SplitRatios
 from fluent_reward.errors import FluentRewardError
+from fluent_reward.evaluate import run_evaluate
 from fluent_reward.io import file_sha256, read_json, stable_hash, write_json
 from fluent_reward.model import collate, target_matrix
 from fluent_reward.model_folder import METADATA_FILE, ModelMetadata
@@ -62,6 +63,14 @@ def test_splits_spread_every_language_over_the_test_split():
     split = make_splits(groups, RATIOS, seed=0)
     assert set(Counter(groups[g] for g in split["test"])) == {"es", "fr", "ja", "ko"}
     assert set(Counter(groups[g] for g in split["validation"])) == {"es", "fr", "ja", "ko"}
+
+
+def test_validation_ratio_zero_gives_its_groups_to_train_and_keeps_the_test_split():
+    groups = {f"g{i}": ("Spanish", "French", "Japanese")[i % 3] for i in range(40)}
+    split = make_splits(groups, RATIOS, seed=1)
+    without = make_splits(groups, SplitRatios(train=0.85, validation=0.0, test=0.15), seed=1)
+    assert without["validation"] == [] and without["test"] == split["test"]
+    assert without["train"] == sorted(split["train"] + split["validation"])
 
 
 def test_splits_need_three_groups():
@@ -340,6 +349,30 @@ def test_target_steps_cuts_the_run_and_its_schedule(trained, tmp_path):
     steps = [r for r in rows if r["event"] == "step"]
     assert steps[-1]["lr"]["encoder"] == 0.0  # the schedule decays over the one planned epoch, not over five
     assert [r["epoch"] for r in rows if r["event"] == "validation"] == [1]
+
+
+def test_without_a_validation_split_every_planned_epoch_runs_and_the_last_is_kept(trained, tmp_path):
+    _, _, backbone = trained
+    params = tiny_project(tmp_path, backbone, epochs=3, early_stopping_patience=1)
+    no_validation = SplitRatios(train=0.85, validation=0.0, test=0.15)
+    params = params.model_copy(update={"train": params.train.model_copy(update={"split": no_validation})})
+    result = run_train(params, progress=False)
+    metrics, split_doc = read_json(params.data.train_metrics), read_json(params.data.splits)
+    assert split_doc["groups"]["validation"] == [] and metrics["n_validation"] == 0
+    # patience 1 never stops a run that has nothing to validate on; the last epoch's weights are the model's
+    assert metrics["epochs_run"] == metrics["planned_epochs"] == metrics["best_epoch"] == 3
+    assert metrics["best_validation_spearman"] is None
+    assert ModelMetadata.load(Path(params.data.model_dir)).extra["best_validation_spearman"] is None
+    records = [json.loads(line) for line in Path(params.data.validated).read_text().splitlines()]
+    test = set(split_doc["groups"]["test"])
+    assert all(seen == {r["id"] for r in records if r["group_id"] not in test} for seen in result.seen_ids)
+    rows = [json.loads(line) for line in (Path(params.data.logs_dir) / LOG_FILE).read_text().splitlines()]
+    assert not [r for r in rows if r["event"] == "validation"]
+    # evaluate: the test split as always, no validation metrics, and the report says why
+    evaluated = run_evaluate(params)
+    assert evaluated["n_groups_test"] == len(test) and not [k for k in evaluated if k.startswith("validation.")]
+    report = Path(params.data.report).read_text()
+    assert "No validation split (`train.split.validation: 0`)" in report and "validation: 0 replies" in report
 
 
 @pytest.mark.parametrize("dropout", [None, 0.0, 0.5])

@@ -241,7 +241,9 @@ class BackboneConfig(_Section):
 
 class SplitRatios(_Section):
     train: float = Field(gt=0, description="fraction of groups trained on")
-    validation: float = Field(gt=0, description="fraction of groups for early stopping")
+    validation: float = Field(
+        ge=0, description="fraction of groups for early stopping (0: none; the planned epochs run, the last is kept)"
+    )
     test: float = Field(gt=0, description="fraction of groups for the reported metrics only")
 
     @model_validator(mode="after")
@@ -355,7 +357,10 @@ class CvConfig(_Section):
         description="learning curve: each fold trains on these shares of its training groups (nested subsets)",
     )
     validation_share: float = Field(
-        gt=0, lt=1, description="share of each training fold's groups held out for early stopping (at least one)"
+        ge=0,
+        lt=1,
+        description="share of each training fold's groups held out for early stopping (at least one; 0: none, as "
+        "train.split.validation 0)",
     )
     seed: int = Field(description="seeds the fold assignment, the inner validation split and the subsets")
 

@@ -90,12 +90,12 @@ class FoldPlan:
 
 
 def plan_fold(groups: dict[str, str], fold_of: dict[str, int], fold: int, cfg: CvConfig) -> FoldPlan:
-    """The groups of the other folds, split into inner validation (``cv.validation_share``, at least one) and
-    training groups; each fraction trains on a stratified prefix of the training groups, so the subsets are nested
-    (the 25% groups are among the 50% ones)."""
+    """The groups of the other folds, split into inner validation (``cv.validation_share``, at least one; none
+    when it is 0) and training groups; each fraction trains on a stratified prefix of the training groups, so the
+    subsets are nested (the 25% groups are among the 50% ones)."""
     rest = {g: groups[g] for g, f in fold_of.items() if f != fold}
     order = stratified_order(rest, cfg.seed, f"inner-{fold}")
-    n_validation = max(1, round(len(order) * cfg.validation_share))
+    n_validation = max(1, round(len(order) * cfg.validation_share)) if cfg.validation_share > 0 else 0
     train = order[n_validation:]
     if not train:
         raise FluentRewardError(

@@ -385,6 +385,18 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
+def validation_summary(metrics: dict[str, Any]) -> str:
+    """The report's line on the validation split (which early stopping used), or that there was none."""
+    m = metrics.get
+    if m("validation.n") is None:
+        return "No validation split (`train.split.validation: 0`): training ran its planned epochs and kept the last."
+    return (
+        f"Validation split: Spearman {_fmt(m('validation.overall.spearman'))}, pairwise accuracy "
+        f"{_fmt(m('validation.pairwise_accuracy'))}, best-of-N {_fmt(m('validation.best_of_n_agreement'))}, "
+        f"best-of-N gain {_fmt(m('validation.best_of_n_gain'))}."
+    )
+
+
 def render_report(metrics: dict[str, Any], dimensions: Sequence[str], plots: Sequence[Path], report: Path) -> str:
     """A short Markdown summary of ``metrics`` (test split unless noted)."""
     m = metrics.get
@@ -392,7 +404,7 @@ def render_report(metrics: dict[str, Any], dimensions: Sequence[str], plots: Seq
         "# Reward model evaluation",
         "",
         f"Test split: {m('n_test')} replies in {m('n_groups_test')} groups never seen in training or early stopping"
-        f" (validation: {m('validation.n')} replies in {m('validation.n_groups')} groups).",
+        f" (validation: {m('validation.n') or 0} replies in {m('validation.n_groups') or 0} groups).",
         "",
         "| | Spearman | pairwise accuracy | best-of-N | best-of-N gain |",
         "|---|---|---|---|---|",
@@ -415,9 +427,7 @@ def render_report(metrics: dict[str, Any], dimensions: Sequence[str], plots: Seq
         f"counts {m('best_of_n_groups')} groups; best-of-N gain is the share of the judge's benefit over a random "
         "pick that the model's pick delivers (1: as good as the judge, 0: random).",
         "",
-        f"Validation split: Spearman {_fmt(m('validation.overall.spearman'))}, pairwise accuracy "
-        f"{_fmt(m('validation.pairwise_accuracy'))}, best-of-N {_fmt(m('validation.best_of_n_agreement'))}, "
-        f"best-of-N gain {_fmt(m('validation.best_of_n_gain'))}.",
+        validation_summary(metrics),
         "",
         f"Inputs longer than the model's max_length: {m('truncated_examples')} of {m('n_test')} test inputs "
         f"({_fmt(m('truncated_share'))}) lost context turns, {m('truncated_mean_dropped_tokens')} tokens on "

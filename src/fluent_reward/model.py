@@ -200,6 +200,8 @@ def encode_records(
     tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int, keep_first_turns: int
 ) -> tuple[list[dict[str, list[int]]], TruncationStats]:
     """``encode_with_stats`` over validated records (``context``, ``student_message``, ``tutor_response``)."""
+    if not records:  # an empty split (no validation): the fast tokenizer fails on an empty batch
+        return [], TruncationStats([], [])
     with quiet_transformers():  # untruncated lengths are measured on purpose; the tokenizer warns about them
         return encode_with_stats(
             tokenizer,

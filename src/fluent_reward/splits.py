@@ -32,8 +32,9 @@ def make_splits(groups: dict[str, str], ratios: SplitRatios, seed: int) -> dict[
 
     Returns:
         ``{"train": [...], "validation": [...], "test": [...]}``, sorted group ids. Counts are exact (rounded, each
-        split at least one group); languages are spread in proportion: groups are shuffled within each language by a
-        seeded hash, given their relative position in that language, then cut in order of position.
+        split at least one group; validation none when its ratio is 0); languages are spread in proportion: groups
+        are shuffled within each language by a seeded hash, given their relative position in that language, then cut
+        in order of position.
     """
     if len(groups) < 3:
         raise FluentRewardError(f"need at least 3 groups (contexts) to split train/validation/test, got {len(groups)}")
@@ -48,7 +49,7 @@ def make_splits(groups: dict[str, str], ratios: SplitRatios, seed: int) -> dict[
     ordered = sorted(groups, key=lambda g: (position[g], stable_hash(seed, "order", g)))
     n = len(ordered)
     n_test = max(1, round(n * ratios.test))
-    n_val = max(1, round(n * ratios.validation))
+    n_val = max(1, round(n * ratios.validation)) if ratios.validation > 0 else 0
     if n - n_test - n_val < 1:
         raise FluentRewardError(f"{n} groups are too few for split ratios {ratios.model_dump()}")
     return {

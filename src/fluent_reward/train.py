@@ -383,9 +383,10 @@ def build_data(
     where = {gid: name for name in ("train", "validation") for gid in splits[name]}
     chosen = {name: [r for r in records if where.get(r["group_id"]) == name] for name in ("train", "validation")}
     for name, rows in chosen.items():
-        if not rows:
+        if not rows and (name == "train" or splits[name]):  # no validation split at all is allowed
             raise FluentRewardError(f"the {name} split has no records (groups: {len(splits[name])})")
-    raw = {name: target_matrix(rows, rubric.names) for name, rows in chosen.items()}
+    labels = 1 + len(rubric.names)  # overall first; the shape holds for an empty validation split too
+    raw = {name: target_matrix(rows, rubric.names).reshape(len(rows), labels) for name, rows in chosen.items()}
     mean, std = fit_normalisation(raw["train"])
     group_ids = sorted({r["group_id"] for r in chosen["train"]})
     number = {g: i for i, g in enumerate(group_ids)}
@@ -620,15 +621,20 @@ def validate(loop: Loop) -> tuple[float, np.ndarray]:
 
 
 def run_epochs(loop: Loop) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Train epoch after epoch, validate after each, keep the best epoch's trainable weights, stop early.
+    """Train epoch after epoch, validate after each, keep the best epoch's trainable weights, stop early; without a
+    validation split, run every planned epoch and keep the last.
 
-    Returns (history: one row per validation; best: ``spearman``, ``epoch``, ``state``)."""
+    Returns (history: one row per validation; best: ``spearman`` (None without validation), ``epoch``, ``state``)."""
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"spearman": -math.inf, "epoch": 0, "state": None}
     model = loop.accelerator.unwrap_model(loop.module).model
     bad_epochs = 0
     for epoch, plan in enumerate(loop.plans, start=1):
         train_epoch(loop, epoch, plan)
+        if not loop.data.records["validation"]:
+            best.update(spearman=None, epoch=epoch)  # the weights in the model are the last epoch's
+            log.info("epoch %d/%d done (no validation split: the last epoch is kept)", epoch, len(loop.plans))
+            continue
         value, pred = validate(loop)
         improved = value > best["spearman"]
         if improved:  # frozen tensors never change: only the trainable ones are kept
@@ -653,7 +659,8 @@ def run_epochs(loop: Loop) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if bad_epochs >= loop.cfg.early_stopping_patience:
             log.info("early stop: no better validation Spearman for %d epoch(s)", bad_epochs)
             break
-    model.load_state_dict(best["state"], strict=False)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"], strict=False)
     return history, best
 
 
@@ -710,7 +717,8 @@ def fit(
     *,
     log_path: Path | None = None,
 ) -> FittedModel:
-    """Train on the ``splits["train"]`` groups, early-stop on the ``splits["validation"]`` groups.
+    """Train on the ``splits["train"]`` groups, early-stop on the ``splits["validation"]`` groups (an empty
+    validation split: every planned epoch runs and the last is kept).
 
     Args:
         params: reads ``train`` and ``rubric``; nothing under ``data`` (no file is read or written; past
@@ -752,7 +760,7 @@ def fit(
             inputs.close()
         model = accelerator.unwrap_model(loop.module).model
         head = fit_ngram_head_on(data, cfg, rubric, model, tokenizer)
-        metrics = fit_metrics(loop, best, history, time.perf_counter() - started)
+        metrics = fit_metrics(loop, best, time.perf_counter() - started)
     metrics["ngram_features"] = len(head.vocabulary) + head.embedding_size if head is not None else 0
     meta = fit_metadata(cfg, rubric, data, best).with_ngram_head(head)
     return FittedModel(model, tokenizer, meta, metrics, history, loop.seen)
@@ -774,6 +782,11 @@ def fit_ngram_head_on(
     return fit_ngram_head(replies, targets, cfg.ngram_weight, embeddings, layer)
 
 
+def rounded(value: float | None, digits: int) -> float | None:
+    """``round``, passing None (no validation split: no validation Spearman) through."""
+    return None if value is None else round(value, digits)
+
+
 def fit_metadata(cfg: TrainConfig, rubric: Rubric, data: TrainData, best: dict[str, Any]) -> ModelMetadata:
     """The model folder's metadata; the data and split hashes are the caller's to add (``dataclasses.replace``)."""
     return ModelMetadata(
@@ -789,23 +802,23 @@ def fit_metadata(cfg: TrainConfig, rubric: Rubric, data: TrainData, best: dict[s
         extra={
             "seed": cfg.seed,
             "best_epoch": best["epoch"],
-            "best_validation_spearman": round(best["spearman"], 6),
+            "best_validation_spearman": rounded(best["spearman"], 6),
             "train_config": cfg.model_dump(mode="json"),
             "n_train": len(data.records["train"]),
         },
     )
 
 
-def fit_metrics(loop: Loop, best: dict[str, Any], history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def fit_metrics(loop: Loop, best: dict[str, Any], seconds: float) -> dict[str, Any]:
     """What ``data.train_metrics`` reports about a fit (sizes, speed, where the compute went)."""
     import torch
 
     world = loop.accelerator.num_processes
     return {
-        "epochs_run": len(history),
+        "epochs_run": len(loop.seen),  # one entry per epoch trained (history has one per validation)
         "planned_epochs": len(loop.plans),
         "best_epoch": best["epoch"],
-        "best_validation_spearman": round(best["spearman"], 4),
+        "best_validation_spearman": rounded(best["spearman"], 4),
         "optimizer_steps": loop.step,
         "planned_optimizer_steps": loop.total_steps,
         "train_seconds": round(loop.train_time, 1),
@@ -889,11 +902,16 @@ def run_train(params: Params, progress: bool = True) -> TrainResult:
     if main:
         save_model_folder(fitted.model, fitted.tokenizer, meta, Path(paths.model_dir))
         write_json(paths.train_metrics, dict(sorted(metrics.items())))
+        epoch, validation = metrics["best_epoch"], metrics["best_validation_spearman"]
+        kept = (
+            f"last epoch {epoch}, no validation split"
+            if validation is None
+            else f"best epoch {epoch}, validation Spearman {validation:.4f}"
+        )
         log.info(
-            "saved %s (best epoch %d, validation Spearman %.4f) in %.0f s, %.1f examples/s, peak RSS %.0f MB",
+            "saved %s (%s) in %.0f s, %.1f examples/s, peak RSS %.0f MB",
             paths.model_dir,
-            metrics["best_epoch"],
-            metrics["best_validation_spearman"],
+            kept,
             metrics["total_seconds"],
             metrics["examples_per_s"],
             metrics["peak_rss_mb"],
