@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fluent_reward.config import Params, load_params
+from fluent_reward.config import Params, SplitRatios, load_params
 from fluent_reward.io import write_json, write_jsonl
 from fluent_reward.model import resolve_backbone
 
@@ -258,7 +258,9 @@ def tiny_project(root: Path, backbone: Path, n_groups: int = 20, per_group: int 
         "ngram_embedding_layer": None,  # needs a frozen layer: tests that freeze one set it
         **train,
     }
-    settings["split"] = params.train.split
+    # with a validation split, so early stopping and the validation metrics are exercised; the default (none) has
+    # its own tests
+    settings.setdefault("split", SplitRatios(train=0.7, validation=0.15, test=0.15))
     evaluate = params.evaluate.model_copy(update={"bootstrap_samples": 200})
     return params.model_copy(
         update={"data": data, "train": params.train.model_copy(update=settings), "evaluate": evaluate}

@@ -353,9 +353,8 @@ def test_target_steps_cuts_the_run_and_its_schedule(trained, tmp_path):
 
 def test_without_a_validation_split_every_planned_epoch_runs_and_the_last_is_kept(trained, tmp_path):
     _, _, backbone = trained
-    params = tiny_project(tmp_path, backbone, epochs=3, early_stopping_patience=1)
     no_validation = SplitRatios(train=0.85, validation=0.0, test=0.15)
-    params = params.model_copy(update={"train": params.train.model_copy(update={"split": no_validation})})
+    params = tiny_project(tmp_path, backbone, epochs=3, early_stopping_patience=1, split=no_validation)
     result = run_train(params, progress=False)
     metrics, split_doc = read_json(params.data.train_metrics), read_json(params.data.splits)
     assert split_doc["groups"]["validation"] == [] and metrics["n_validation"] == 0
@@ -372,7 +371,9 @@ def test_without_a_validation_split_every_planned_epoch_runs_and_the_last_is_kep
     evaluated = run_evaluate(params)
     assert evaluated["n_groups_test"] == len(test) and not [k for k in evaluated if k.startswith("validation.")]
     report = Path(params.data.report).read_text()
-    assert "No validation split (`train.split.validation: 0`)" in report and "validation: 0 replies" in report
+    assert (
+        "No validation split (`train.split.validation: 0`)" in report and "in training (no validation split)." in report
+    )
 
 
 @pytest.mark.parametrize("dropout", [None, 0.0, 0.5])

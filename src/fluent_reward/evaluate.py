@@ -403,8 +403,12 @@ def render_report(metrics: dict[str, Any], dimensions: Sequence[str], plots: Seq
     lines = [
         "# Reward model evaluation",
         "",
-        f"Test split: {m('n_test')} replies in {m('n_groups_test')} groups never seen in training or early stopping"
-        f" (validation: {m('validation.n') or 0} replies in {m('validation.n_groups') or 0} groups).",
+        f"Test split: {m('n_test')} replies in {m('n_groups_test')} groups never seen in training"
+        + (
+            " (no validation split)."
+            if m("validation.n") is None
+            else f" or early stopping (validation: {m('validation.n')} replies in {m('validation.n_groups')} groups)."
+        ),
         "",
         "| | Spearman | pairwise accuracy | best-of-N | best-of-N gain |",
         "|---|---|---|---|---|",
