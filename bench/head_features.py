@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.preprocessing import normalize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "scripts"), str(ROOT / "src")]
@@ -87,23 +88,18 @@ def student_feature_sets(data: Dataset, backbone: str, layer: int, max_length: i
     """The ``--student`` feature sets (module docstring), each block L2-normalised before it is joined."""
     model, tokenizer = load_classifier(backbone, 1, 0)
     model.eval()
-    reply = unit_rows(model_reply_embeddings(model, tokenizer, data.replies, layer, max_length, 32))
-    student = unit_rows(model_reply_embeddings(model, tokenizer, data.students, layer, max_length, 32))
+    reply = normalize(model_reply_embeddings(model, tokenizer, data.replies, layer, max_length, 32))
+    student = normalize(model_reply_embeddings(model, tokenizer, data.students, layer, max_length, 32))
     pairs = pair_reply_embeddings(model, tokenizer, data, [6, 9, 12], max_length)
     base = f"char+e{layer}"
     return {
         base: reply,
         f"{base}+student": np.hstack([reply, student]),
-        f"{base}+product": np.hstack([reply, unit_rows(reply * student)]),
+        f"{base}+product": np.hstack([reply, normalize(reply * student)]),
         f"{base}+cosine": np.hstack([reply, (reply * student).sum(axis=1, keepdims=True)]),
-        **{f"{base}+pair{n}": np.hstack([reply, unit_rows(pairs[n])]) for n in pairs},
+        **{f"{base}+pair{n}": np.hstack([reply, normalize(pairs[n])]) for n in pairs},
         **{f"char+pair{n}": pairs[n] for n in pairs},
     }
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 def run(data: Dataset, sets: dict[str, np.ndarray | None], folds: int, seed: int) -> None:
