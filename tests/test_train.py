@@ -22,7 +22,7 @@ from fluent_reward.errors import FluentRewardError
 from fluent_reward.evaluate import run_evaluate
 from fluent_reward.io import file_sha256, read_json, stable_hash, write_json
 from fluent_reward.model import collate, target_matrix
-from fluent_reward.model_folder import METADATA_FILE, ModelMetadata
+from fluent_reward.model_folder import CARD_FILE, METADATA_FILE, ModelMetadata
 from fluent_reward.splits import SPLITS, make_splits
 from fluent_reward.train import (
     LOG_FILE,
@@ -362,6 +362,8 @@ def test_without_a_validation_split_every_planned_epoch_runs_and_the_last_is_kep
     assert metrics["epochs_run"] == metrics["planned_epochs"] == metrics["best_epoch"] == 3
     assert metrics["best_validation_spearman"] is None
     assert ModelMetadata.load(Path(params.data.model_dir)).extra["best_validation_spearman"] is None
+    card = (Path(params.data.model_dir) / CARD_FILE).read_text()  # no "None" row for a figure that does not exist
+    assert "| best_epoch | 3 |" in card and "best_validation_spearman" not in card
     records = [json.loads(line) for line in Path(params.data.validated).read_text().splitlines()]
     test = set(split_doc["groups"]["test"])
     assert all(seen == {r["id"] for r in records if r["group_id"] not in test} for seen in result.seen_ids)

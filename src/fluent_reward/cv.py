@@ -41,7 +41,7 @@ from fluent_reward.evaluate import (
 )
 from fluent_reward.io import atomic_open, file_sha256, read_json, stable_hash, write_json
 from fluent_reward.model import head_embeddings, predict_scores, target_matrix
-from fluent_reward.splits import group_languages, training_data_sha256
+from fluent_reward.splits import group_languages, share_count, training_data_sha256
 from fluent_reward.stats import spearman
 from fluent_reward.train import fit
 
@@ -95,7 +95,7 @@ def plan_fold(groups: dict[str, str], fold_of: dict[str, int], fold: int, cfg: C
     subsets are nested (the 25% groups are among the 50% ones)."""
     rest = {g: groups[g] for g, f in fold_of.items() if f != fold}
     order = stratified_order(rest, cfg.seed, f"inner-{fold}")
-    n_validation = max(1, round(len(order) * cfg.validation_share)) if cfg.validation_share > 0 else 0
+    n_validation = share_count(len(order), cfg.validation_share)
     train = order[n_validation:]
     if not train:
         raise FluentRewardError(

@@ -385,10 +385,15 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
+def has_validation(metrics: dict[str, Any]) -> bool:
+    """Whether ``metrics`` hold a validation split's figures (none when ``train.split.validation`` is 0)."""
+    return metrics.get("validation.n") is not None
+
+
 def validation_summary(metrics: dict[str, Any]) -> str:
     """The report's line on the validation split (which early stopping used), or that there was none."""
     m = metrics.get
-    if m("validation.n") is None:
+    if not has_validation(metrics):
         return "No validation split (`train.split.validation: 0`): training ran its planned epochs and kept the last."
     return (
         f"Validation split: Spearman {_fmt(m('validation.overall.spearman'))}, pairwise accuracy "
@@ -405,9 +410,9 @@ def render_report(metrics: dict[str, Any], dimensions: Sequence[str], plots: Seq
         "",
         f"Test split: {m('n_test')} replies in {m('n_groups_test')} groups never seen in training"
         + (
-            " (no validation split)."
-            if m("validation.n") is None
-            else f" or early stopping (validation: {m('validation.n')} replies in {m('validation.n_groups')} groups)."
+            f" or early stopping (validation: {m('validation.n')} replies in {m('validation.n_groups')} groups)."
+            if has_validation(metrics)
+            else " (no validation split)."
         ),
         "",
         "| | Spearman | pairwise accuracy | best-of-N | best-of-N gain |",

@@ -526,7 +526,9 @@ def model_card(meta: ModelMetadata, metrics: dict[str, Any] | None = None, overa
         f"split sha256: `{meta.split_sha256 or 'n/a'}`",
         f"- input format version {meta.input_format_version}, model format version {meta.model_format_version}",
     ]
-    shown = {k: extra[k] for k in ("n_train", "best_epoch", "best_validation_spearman", "seed") if k in extra}
+    shown = {
+        k: extra[k] for k in ("n_train", "best_epoch", "best_validation_spearman", "seed") if extra.get(k) is not None
+    }
     shown.update(metrics or {})
     if shown:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]

@@ -22,6 +22,11 @@ SPLITS = ("train", "validation", "test")
 UNKNOWN_LANGUAGE = "unknown"
 
 
+def share_count(n: int, share: float) -> int:
+    """How many of ``n`` groups a split's ``share`` gets: rounded, at least one unless the share is 0."""
+    return max(1, round(n * share)) if share > 0 else 0
+
+
 def make_splits(groups: dict[str, str], ratios: SplitRatios, seed: int) -> dict[str, list[str]]:
     """Assign whole groups to train / validation / test.
 
@@ -48,8 +53,8 @@ def make_splits(groups: dict[str, str], ratios: SplitRatios, seed: int) -> dict[
             position[gid] = (i + 0.5) / len(members)
     ordered = sorted(groups, key=lambda g: (position[g], stable_hash(seed, "order", g)))
     n = len(ordered)
-    n_test = max(1, round(n * ratios.test))
-    n_val = max(1, round(n * ratios.validation)) if ratios.validation > 0 else 0
+    n_test = share_count(n, ratios.test)
+    n_val = share_count(n, ratios.validation)
     if n - n_test - n_val < 1:
         raise FluentRewardError(f"{n} groups are too few for split ratios {ratios.model_dump()}")
     return {
