@@ -105,7 +105,7 @@ def plan_fold(groups: dict[str, str], fold_of: dict[str, int], fold: int, cfg: C
     return FoldPlan(
         test=sorted(g for g, f in fold_of.items() if f == fold),
         validation=sorted(order[:n_validation]),
-        train={fraction: sorted(train[: max(1, round(fraction * len(train)))]) for fraction in cfg.fractions},
+        train={fraction: sorted(train[: share_count(len(train), fraction)]) for fraction in cfg.fractions},
     )
 
 
