@@ -199,10 +199,10 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("train.warmup_ratio=-inf", r"train\.warmup_ratio: Input should be a finite number"),
         ("train.attention_dropout=1", r"train\.attention_dropout: Input should be less than 1"),
         (
-            "train.freeze_layers=4",
-            r"train\.ngram_embedding_layer=6 must be a frozen layer: at most train\.freeze_layers \(4\)",
+            "train.freeze_layers=2",
+            r"train\.ngram_embedding_layer=4 must be a frozen layer: at most train\.freeze_layers \(2\)",
         ),
-        ("train.freeze_embeddings=false", r"train\.ngram_embedding_layer=6 must be a frozen layer"),
+        ("train.freeze_embeddings=false", r"train\.ngram_embedding_layer=4 must be a frozen layer"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(tmp_path, override, message):
