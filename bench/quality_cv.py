@@ -58,6 +58,7 @@ from bea2025 import DIMENSIONS, records_and_labels, three_class_scores  # noqa: 
 
 from fluent_reward.config import load_params  # noqa: E402
 from fluent_reward.evaluate import char_tfidf_ridge_baseline  # noqa: E402
+from fluent_reward.frozen_prefix import cls_only_layer  # noqa: E402
 from fluent_reward.model import (  # noqa: E402
     encode_batch,
     format_segments,
@@ -321,23 +322,6 @@ def layer_then_mean(layer: Any, hidden: Any, attn: Any, mask: Any) -> Any:
     hidden = layer(hidden, attn)
     weights = mask[..., None].to(hidden.dtype)
     return (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
-
-
-def cls_only_layer(layer: Any, hidden: Any, mask: Any) -> Any:
-    """A BERT layer's output at the CLS position only: the pooler reads nothing else, so in the LAST layer only the
-    keys and values need every token (same result as the full layer, ~1/6 of its work). Returns (batch, 1, hidden)."""
-    import torch.nn.functional as F
-
-    sa = layer.attention.self
-    b, t, h = hidden.shape
-    heads, size = sa.num_attention_heads, sa.attention_head_size
-    q = sa.query(hidden[:, :1]).view(b, 1, heads, size).transpose(1, 2)
-    k = sa.key(hidden).view(b, t, heads, size).transpose(1, 2)
-    v = sa.value(hidden).view(b, t, heads, size).transpose(1, 2)
-    keep = mask.bool()[:, None, None, :]
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=sa.dropout.p if sa.training else 0.0)
-    attended = layer.attention.output(ctx.transpose(1, 2).reshape(b, 1, h), hidden[:, :1])
-    return layer.output(layer.intermediate(attended), attended)
 
 
 _LOADED: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}

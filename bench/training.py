@@ -11,6 +11,8 @@ For each backbone and max_length it times the same ``--steps`` optimizer steps (
 - ``cached fp32``: the current loop (``fluent_reward.train``): embeddings + frozen layers computed once per example
   (the one-off cost is measured and amortised over ``--epochs``), only the trainable layers each step;
 - ``cached auto``: the same with ``train.mixed_precision: auto`` (bf16 where the CPU has it natively);
+- ``whole last``: ``cached auto`` with the last layer run over every token (the loop before the pooler's CLS-only
+  last layer, ``fluent_reward.frozen_prefix.cls_only_layer``), the baseline for that step;
 and prints examples/s and useful (non-padding) tokens/s, the ratio to naive, and the FLOP-based ceiling: the
 matmul GFLOP/s measured in this run (fp32 and bf16) divided by the training FLOPs per useful token of that loop.
 
@@ -117,13 +119,15 @@ def matmul_gflops(dtype: Any, seconds: float = 2.0) -> float:
     return best
 
 
-def flops_per_token(config: Any, mean_length: float, frozen: int, cached: bool) -> float:
+def flops_per_token(config: Any, mean_length: float, frozen: int, cached: bool, cls_only: bool) -> float:
     """Training FLOPs per useful token: forward of every layer not cached (linear layers + attention at the mean
-    length), twice more for the backward of the trainable layers (weights and inputs)."""
+    length), twice more for the backward of the trainable layers (weights and inputs). With ``cls_only`` the last
+    layer computes keys and values for every token and the rest for one token per input (counted as nothing)."""
     d, ff, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     layer = 2 * (4 * d * d + 2 * d * ff) + 2 * 2 * mean_length * d
     forward_layers = n - frozen if cached else n
-    return layer * (forward_layers + 2 * (n - frozen))
+    full = layer * (forward_layers + 2 * (n - frozen))
+    return full - 3 * (layer - 2 * 2 * d * d) if cls_only and n > frozen else full
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,6 +183,15 @@ def current_steps(params: Any, records: list[dict], splits: dict, steps: int, pr
         "config": model.config,
         "profile": table,
     }
+
+
+def whole_last_layer(layer: Any, hidden: Any, attention_mask: Any) -> Any:
+    """In place of ``cls_only_layer`` (the ``whole last`` loop): the last layer over every token, then its CLS row."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    config = layer.attention.self.config
+    mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+    return layer(hidden, mask)[:, :1]
 
 
 def naive_steps(params: Any, records: list[dict], splits: dict, plan: list[list[int]]) -> dict[str, Any]:
@@ -240,6 +253,9 @@ def _figures(examples: int, useful: int, computed: int, seconds: float, once: fl
 
 
 def bench_one(backbone: str, max_length: int, args: argparse.Namespace, peaks: dict[str, float]) -> dict[str, Any]:
+    from unittest import mock
+
+    from fluent_reward import frozen_prefix
     from fluent_reward.splits import group_languages, make_splits
 
     records = sample_records(args.groups)
@@ -255,11 +271,16 @@ def bench_one(backbone: str, max_length: int, args: argparse.Namespace, peaks: d
         profiled = current_steps(auto, records, splits, args.steps, profile=True)
         print(f"\nwhere a step of the current loop ({profiled['precision']}) spends its CPU time:")
         print(profiled["profile"])
+    with mock.patch.object(frozen_prefix, "cls_only_layer", whole_last_layer):
+        rows["whole last"] = current_steps(auto, records, splits, args.steps)
+    for row in (rows["cached fp32"], rows["cached auto"]):
+        row["cls_only"] = row["cached"]  # TailForward's last layer; the whole model runs it for every token
+    rows["whole last"].pop("plan"), rows["whole last"].pop("config"), rows["whole last"].pop("profile")
     rows["naive"] = naive_steps(params, records, splits, plan) | {"precision": "no", "cached": False}
     frozen = params.train.freeze_layers if params.train.freeze_embeddings else 0
     n_train = sum(r["group_id"] in set(splits["train"]) for r in records)
     for row in rows.values():
-        flops = flops_per_token(config, row["mean_length"], frozen, row["cached"])
+        flops = flops_per_token(config, row["mean_length"], frozen, row["cached"], row.get("cls_only", False))
         peak = peaks["bf16" if row["precision"] == "bf16" else "fp32"]
         row["ceiling_tokens_per_s"] = peak * 1e9 / flops
         row["share_of_ceiling"] = row["useful_tokens_per_s"] / row["ceiling_tokens_per_s"]
@@ -280,13 +301,16 @@ def print_table(result: dict[str, Any], threads: int) -> None:
         f"{'loop':<12} {'prec':<5} {'ex/s':>7} {'useful tok/s':>13} {'pad':>5} {'ceiling tok/s':>14} "
         f"{'of ceil':>8} {'one-off s':>9} {'epoch s':>8} {'x naive':>8}  (per CPU-second of {threads} thread(s))"
     )
-    for name in ("naive", "cached fp32", "cached auto"):
+    for name in ("naive", "cached fp32", "cached auto", "whole last"):
         r = result["loops"][name]
         print(
             f"{name:<12} {r['precision']:<5} {r['examples_per_s']:>7.2f} {r['useful_tokens_per_s']:>13.0f} "
             f"{r['padding_share']:>5.1%} {r['ceiling_tokens_per_s']:>14.0f} {r['share_of_ceiling']:>8.1%} "
             f"{r['one_off_s']:>9.1f} {r['epoch_s_amortised']:>8.1f} {r['speedup_per_epoch']:>8.2f}"
         )
+    loops = result["loops"]
+    ratio = loops["cached auto"]["examples_per_s"] / loops["whole last"]["examples_per_s"]
+    print(f"the last layer at the CLS position only: {ratio:.2f}x the examples/s of the whole last layer")
 
 
 def backbones(args: argparse.Namespace) -> list[str]:

@@ -68,23 +68,24 @@ def tiny_bert_config(vocab_size: int, hidden_size: int = 32, **overrides: Any) -
     return BertConfig(**settings)
 
 
-def make_tiny_backbone(folder: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
-    """A tiny random BERT (2 layers, hidden 32) with the default backbone's real tokenizer, saved as safetensors."""
+def make_tiny_backbone(folder: Path, seed: int = 0, initializer_range: float = 0.02, **overrides: Any) -> Path:
+    """A tiny random BERT (2 layers, hidden 32) with the default backbone's real tokenizer, saved as safetensors;
+    ``overrides`` set other config fields."""
     import torch
     from transformers import BertModel
 
     tokenizer = real_tokenizer()
     torch.manual_seed(seed)
-    config = tiny_bert_config(tokenizer.vocab_size, initializer_range=initializer_range)
+    config = tiny_bert_config(tokenizer.vocab_size, initializer_range=initializer_range, **overrides)
     BertModel(config).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def make_learnable_backbone(folder: Path) -> Path:
+def make_learnable_backbone(folder: Path, **overrides: Any) -> Path:
     """The tiny random BERT with a wider initialisation (0.1 instead of BERT's 0.02), so its outputs depend on the
-    input from the start and a few steps of training visibly lower the loss."""
-    return make_tiny_backbone(folder, initializer_range=0.1)
+    input from the start and a few steps of training visibly lower the loss; ``overrides`` set other config fields."""
+    return make_tiny_backbone(folder, initializer_range=0.1, **overrides)
 
 
 def make_tiny_model_folder(

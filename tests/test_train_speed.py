@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fluent_reward import train
 from fluent_reward.errors import FluentRewardError
-from fluent_reward.frozen_prefix import FeatureCache, build_cache, prefix_hidden, tail_agreement
+from fluent_reward.frozen_prefix import FeatureCache, TailForward, build_cache, prefix_hidden, tail_agreement
 from fluent_reward.io import file_sha256, read_json
 from fluent_reward.model import collate, encode_records, predict_scores
 from fluent_reward.progress import progress
@@ -50,6 +50,20 @@ def test_prefix_then_tail_gives_the_logits_of_the_whole_model(backbone, start, t
     assert tail_agreement(model, start, encoded, tokenizer.pad_token_id) < 1e-5
 
 
+def test_the_tail_runs_the_last_layer_at_the_cls_position_only(backbone):
+    model, tokenizer = _model(backbone)
+    encoded = encode_records(tokenizer, make_records(2, 2), 64, 1)[0]
+    batch = collate(encoded, tokenizer.pad_token_id)
+    widths = {}
+    for name, layer in (("lower", model.bert.encoder.layer[0]), ("last", model.bert.encoder.layer[1])):
+        layer.intermediate.register_forward_hook(lambda _m, args, _o, name=name: widths.update({name: args[0].shape}))
+    hidden = prefix_hidden(model.eval(), 0, batch)
+    with torch.inference_mode():
+        TailForward(model, 0, []).eval()(hidden, batch["attention_mask"])
+    rows, tokens = batch["input_ids"].shape
+    assert widths == {"lower": (rows, tokens, 32), "last": (rows, 1, 32)}
+
+
 def test_feature_cache_in_memory_and_on_disk_hold_the_same_rows(backbone):
     model, tokenizer = _model(backbone)
     encoded = encode_records(tokenizer, make_records(2, 4), 64, 1)[0]
@@ -83,17 +97,23 @@ def _weights(params) -> dict[str, torch.Tensor]:
     return load_file(Path(params.data.model_dir) / "model.safetensors")
 
 
-def test_cached_and_uncached_training_give_the_same_model(backbone, tmp_path):
+def test_cached_and_uncached_training_give_the_same_model(tmp_path):
+    # without dropout: the cached tail draws its dropout masks for the CLS position of the last layer only, the whole
+    # model for every position, so with dropout the two paths train the same function on different random masks
+    still = make_learnable_backbone(tmp_path / "still", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     settings = {"epochs": 2, "freeze_embeddings": True, "freeze_layers": 1, "frozen_cache_dtype": "float32"}
-    cached = tiny_project(tmp_path / "cached", backbone, frozen_cache=True, **settings)
-    whole = tiny_project(tmp_path / "whole", backbone, frozen_cache=False, **settings)
+    cached = tiny_project(tmp_path / "cached", still, frozen_cache=True, **settings)
+    whole = tiny_project(tmp_path / "whole", still, frozen_cache=False, **settings)
     m_cached = run_train(cached, progress=False).metrics
     m_whole = run_train(whole, progress=False).metrics
     assert m_cached["frozen_prefix_cached"] == 1 and m_whole["frozen_prefix_cached"] == 0
     a, b = _weights(cached), _weights(whole)
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-4), key
+        # a key bias adds the same score to every key of a query, which softmax ignores: its true gradient is 0, and
+        # AdamW turns the float noise in it (different in the two paths' last layer) into steps of the learning rate
+        if not key.endswith("attention.self.key.bias"):
+            assert torch.allclose(a[key], b[key], atol=1e-4), key
     assert m_cached["tokens_useful"] == m_whole["tokens_useful"]
 
 

@@ -4,12 +4,14 @@ When the embeddings and the lowest ``k`` encoder layers are frozen, their output
 between epochs. ``build_cache`` computes it once (in eval mode: frozen modules never use dropout, in the cached path
 and in the full one alike), stores it as fp16/bf16 rows (in memory up to a size limit, past it in a memory-mapped
 temporary file), and ``TailForward`` runs only layers ``k..`` + pooler + head on those rows each epoch, with the
-same extended attention mask the full model builds. ``tail_agreement`` checks, on real inputs, that the split model
-gives the logits of the whole model before the cache is trusted.
+same extended attention mask the full model builds. The pooler reads the last layer's first (CLS) state and nothing
+else, so ``TailForward`` computes that layer at the CLS position only (``cls_only_layer``: its keys and values still
+see every token; the same function at about a sixth of the layer's work). ``tail_agreement`` checks, on real inputs,
+that the split model gives the logits of the whole model before the cache is trusted.
 
-Supported: ``*ForSequenceClassification`` models whose base has ``embeddings``, ``encoder.layer`` and a pooler, and
-whose head is ``dropout`` + ``classifier`` on the pooled output (BERT, MiniLM, multilingual-e5 converted to BERT,
-with or without ``token_type_ids``). Anything else trains through ``FullForward``.
+Supported: ``*ForSequenceClassification`` models whose base has ``embeddings``, ``encoder.layer`` of BERT layers
+(``bert_layer``) and a pooler, and whose head is ``dropout`` + ``classifier`` on the pooled output (BERT, MiniLM,
+multilingual-e5 converted to BERT, with or without ``token_type_ids``). Anything else trains through ``FullForward``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ def supports_tail(model: Any) -> bool:
         and isinstance(getattr(model, "classifier", None), nn.Linear)
         and isinstance(getattr(model, "dropout", None), nn.Dropout)
         and not getattr(model.config, "is_decoder", False)
+        and all(bert_layer(layer) for layer in base.encoder.layer)
+    )
+
+
+def bert_layer(layer: nn.Module) -> bool:
+    """Whether ``layer`` has the parts ``cls_only_layer`` runs (a BERT layer: query / key / value, attention output,
+    intermediate, output)."""
+    attention = getattr(getattr(layer, "attention", None), "self", None)
+    return (
+        all(isinstance(getattr(attention, name, None), nn.Linear) for name in ("query", "key", "value"))
+        and isinstance(getattr(attention, "dropout", None), nn.Dropout)
+        and all(hasattr(attention, name) for name in ("num_attention_heads", "attention_head_size"))
+        and all(hasattr(layer, name) for name in ("intermediate", "output"))
+        and hasattr(layer.attention, "output")
     )
 
 
@@ -102,8 +118,36 @@ class TailForward(_KeepFrozenInEval):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         base = self.model.base_model
-        hidden = run_layers(base, base.encoder.layer[self.start :], hidden_states, attention_mask)
+        layers = base.encoder.layer[self.start :]
+        hidden = hidden_states
+        if len(layers):
+            hidden = run_layers(base, layers[:-1], hidden, attention_mask)
+            hidden = cls_only_layer(layers[-1], hidden, attention_mask)
         return self.model.classifier(self.model.dropout(base.pooler(hidden)))
+
+
+def cls_only_layer(layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A BERT layer's output at the first (CLS) position only, shape (batch, 1, hidden): the queries, the attention
+    output and the feed-forward block run for one token, the keys and values for every token (``attention_mask``:
+    (batch, tokens), 1 = a real token). The same as the whole layer's first row, at about a sixth of its work."""
+    attention = layer.attention.self
+    batch, width = hidden.shape[0], hidden.shape[-1]
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+
+    def split_heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, -1, heads, size).transpose(1, 2)
+
+    query = split_heads(attention.query(hidden[:, :1]))
+    key, value = split_heads(attention.key(hidden)), split_heads(attention.value(hidden))
+    context = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask.bool()[:, None, None, :],
+        dropout_p=attention.dropout.p if attention.training else 0.0,
+    )
+    attended = layer.attention.output(context.transpose(1, 2).reshape(batch, 1, width), hidden[:, :1])
+    return layer.output(layer.intermediate(attended), attended)
 
 
 def run_layers(base: Any, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:

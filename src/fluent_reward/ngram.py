@@ -16,7 +16,7 @@ that ``w`` weighs two scores of comparable spread. In a model folder the head is
 Scoring rebuilds the features from the vocabulary with a fixed-vocabulary ``CountVectorizer`` (no fitting), so a
 folder scores the same on any machine.
 
-With ``train.ngram_embedding_layer`` set (4 in params.yaml), the ridge also reads the reply's **embedding**: the mean
+With ``train.ngram_embedding_layer`` set (as params.yaml does), the ridge also reads the reply's **embedding**: the mean
 over its tokens of the encoder's hidden states after that layer, the reply encoded alone (L2-normalised, appended to the
 n-gram features). The layer must be frozen in training, so the embedding is the backbone's own and the same before
 and after training; ``fluent_reward.model.reply_embeddings`` computes it for every scorer. On the sample's CV this
