@@ -25,7 +25,8 @@ Metrics per fold (test groups only), then mean and standard deviation across fol
 - ``dim_spearman``: mean over dimensions of the per-dimension Spearman; ``dims_won``: dimensions where the model's
   Spearman beats the baseline's on the fold mean;
 - bea only: ``mi_f1``: Mistake_Identification 3-class macro-F1 with fixed thresholds 3.25 / 7.75 on the predicted
-  dimension score; ``mi_f1_prior``: thresholds placed so the predicted class shares match the training fold's.
+  dimension score; ``mi_f1_prior``: thresholds placed so the predicted class shares match the training fold's;
+  ``mi_f1_best``: the two thresholds that maximise the test fold's own F1 (an upper bound no threshold rule reaches).
 Each recipe is also scored with the overall derived from its dimension outputs (``derived``: the rubric-weighted
 mean of the predicted dimensions), a free alternative to the overall logit.
 
@@ -497,7 +498,7 @@ def fold_metrics(
     if data.mi_index is not None:
         mi_pred, mi_true = pred[:, data.mi_index], judge[:, data.mi_index]
         f1 = three_class_scores(mi_true, mi_pred, data.targets[train, data.mi_index])
-        out["mi_f1"], out["mi_f1_prior"] = f1["fixed"], f1["prior"]
+        out["mi_f1"], out["mi_f1_prior"], out["mi_f1_best"] = f1["fixed"], f1["prior"], f1["best"]
     return out
 
 
@@ -580,7 +581,8 @@ def _fmt(row: dict[str, Any], key: str) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-COLUMNS = ["spearman", "pairwise", "bon_gain", "dim_spearman", "derived_pairwise", "mi_f1", "mi_f1_prior"]
+COLUMNS = ["spearman", "pairwise", "bon_gain", "dim_spearman", "derived_pairwise"]
+COLUMNS += ["mi_f1", "mi_f1_prior", "mi_f1_best"]
 
 
 def _print_row(row: dict[str, Any]) -> None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
 
 from fluent_reward.cli import main as cli
 from fluent_reward.config import load_params
@@ -109,6 +115,8 @@ def test_three_class_f1_hand_values(tmp_path):
     assert f1["Mistake_Identification"]["fixed"] == round((0 + 0.4 + 0) / 3, 4)
     # prior cuts at the 25% and 50% quantiles of the test predictions: No, To some extent, Yes, Yes -> all right
     assert f1["Actionability"]["prior"] == 1.0
+    # the best two cuts (5.0 | 6.0 | 6.9, 7.0) sort all four right
+    assert f1["Mistake_Identification"]["best"] == 1.0
     misused = subprocess.run(
         [sys.executable, str(SCRIPT), str(path), "--f1", "--fraction", "0.5"],
         cwd=REPO,
@@ -172,4 +180,31 @@ def test_cv_f1_from_the_fold_checkpoints_hand_values(tmp_path, monkeypatch):
         "fixed_std": 0.0,
         "prior": round(1 / 3, 4),
         "prior_std": 0.0,
+        "best": round(2 / 3, 4),  # no cut can find the absent "To some extent"
+        "best_std": 0.0,
     }
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bea2025", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_best_cuts_are_the_best_of_every_pair_of_cuts():
+    bea = _load_script()
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n = int(rng.integers(1, 14))
+        classes = rng.integers(0, 3, n)
+        # coarse predictions, so that ties (which no cut can split) are common
+        pred = np.round(classes * rng.uniform(0, 2) + rng.normal(0, 1.5, n), int(trial % 2))
+        edges = np.r_[pred.min() - 1, np.unique(pred) + 1e-9]
+        brute = max(
+            f1_score(classes, np.digitize(pred, [a, b]), average="macro", labels=[0, 1, 2], zero_division=0)
+            for a, b in itertools.combinations_with_replacement(edges, 2)
+        )
+        assert bea.best_cut_f1(classes, pred) == pytest.approx(brute, abs=1e-12), (classes, pred)
+    # three scores tied: no cut separates them, so one class gets all three
+    assert bea.best_cut_f1(np.array([0, 1, 2]), np.array([5.0, 5.0, 5.0])) == pytest.approx((2 / 4) / 3)
