@@ -121,7 +121,7 @@ class TailForward(_KeepFrozenInEval):
         layers = base.encoder.layer[self.start :]
         hidden = hidden_states
         if len(layers):
-            hidden = run_layers(base, layers[:-1], hidden, attention_mask)
+            hidden = run_layers(base.config, layers[:-1], hidden, attention_mask)
             hidden = cls_only_layer(layers[-1], hidden, attention_mask)
         return self.model.classifier(self.model.dropout(base.pooler(hidden)))
 
@@ -150,11 +150,12 @@ def cls_only_layer(layer: nn.Module, hidden: torch.Tensor, attention_mask: torch
     return layer.output(layer.intermediate(attended), attended)
 
 
-def run_layers(base: Any, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-    """Encoder layers on hidden states, with the extended (4-D or None) mask the base model itself would build."""
+def run_layers(config: Any, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """Encoder layers on hidden states, with the extended (4-D or None) mask the base model of ``config`` would
+    build."""
     from transformers.masking_utils import create_bidirectional_mask
 
-    mask = create_bidirectional_mask(config=base.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
     for layer in layers:
         out = layer(hidden, mask)
         hidden = out[0] if isinstance(out, tuple) else out
@@ -165,7 +166,7 @@ def prefix_hidden(model: Any, start: int, batch: dict[str, torch.Tensor]) -> tor
     """The output of the embeddings and of layers ``0..start-1`` (the frozen part) for a collated batch."""
     base = model.base_model
     hidden = base.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
-    return run_layers(base, base.encoder.layer[:start], hidden, batch["attention_mask"])
+    return run_layers(base.config, base.encoder.layer[:start], hidden, batch["attention_mask"])
 
 
 def pooled_prefix(model: Any, layers: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
